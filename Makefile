@@ -1,0 +1,64 @@
+# kvgate — every target sets up what it needs on a fresh machine (only Python assumed).
+#   make demo   4 simulated replicas + the gateway in the foreground
+#   make test   lint-free, typed, tested
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Debian packages the tests drive for real (Prometheus server + promtool, dnsmasq for DNS discovery).
+APT_PACKAGES := prometheus dnsmasq-base
+
+.PHONY: demo test test-all lint fmt bench bench-routing bench-proxy bench-sim system-deps clean
+
+$(VENV):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+# `make .venv` is the documented way to get the environment; it also refreshes stale installs.
+.venv: $(STAMP)
+
+system-deps:
+	@missing=""; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || missing="$$missing dnsmasq-base"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	fi
+
+demo: $(STAMP)
+	$(PY) -m benchmarks.demo
+
+test: $(STAMP) system-deps lint
+	$(PY) -m pytest -q
+
+test-all: $(STAMP) system-deps
+	$(PY) -m pytest -q -m ''
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gateway policies benchmarks tests
+	$(VENV)/bin/ruff format --check gateway policies benchmarks tests
+	$(VENV)/bin/mypy gateway policies
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff format gateway policies benchmarks tests
+	$(VENV)/bin/ruff check --fix gateway policies benchmarks tests
+
+bench: bench-sim bench-routing-core
+
+bench-sim: $(STAMP)
+	$(PY) -m benchmarks.sim.calibrate
+	$(PY) -m benchmarks.sim.speed
+
+bench-routing-core: $(STAMP)
+	$(PY) -m benchmarks.routing_core
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

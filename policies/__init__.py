@@ -1,0 +1,1 @@
+"""Routing policies: pure, synchronous, standard library only."""
