@@ -62,3 +62,6 @@ bench-routing-core: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+# Optional real kube-apiserver + etcd for the Kubernetes discovery test.
+include mk/kube.mk
