@@ -9,12 +9,18 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests drive for real (Prometheus server + promtool, dnsmasq for DNS discovery).
 APT_PACKAGES := prometheus dnsmasq-base
 
-.PHONY: demo test test-all lint fmt bench bench-routing bench-proxy bench-sim system-deps clean
+.PHONY: help .venv demo test test-all lint fmt bench bench-routing bench-proxy bench-sim system-deps clean
 
-$(VENV):
+help:
+	@echo "make demo    run 4 simulated replicas and the gateway (http://127.0.0.1:8080)"
+	@echo "make test    set everything up, lint, type-check and run the test suite"
+	@echo "make bench   run the benchmarks (tables + JSON under benchmarks/results/)"
+	@echo "make lint    ruff + mypy --strict on gateway/ and policies/"
+
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(VENV)
+$(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
