@@ -1,0 +1,397 @@
+"""MetricsScraper: keeps every replica's scraped load signals current.
+
+One task (``run``) scrapes all replicas once per ``interval_s``. Each round scrapes them
+concurrently in one ``asyncio.TaskGroup``, each under its own ``timeout_s`` (< interval_s, checked
+by the config), so a hanging replica costs its own scrape and never delays the others' or the
+next round.
+
+Invariants:
+
+* The scraper is the only writer of scraped values, through ``pool.apply_scrape`` and
+  ``pool.scrape_failed``. A failed scrape leaves the last values in place with their
+  ``scraped_at``: policies see them age and, past ``max_metrics_age_s``, treat them as unknown.
+* The engine flavour and metrics path are learned per replica from what it serves (config
+  may pin either): ``/metrics`` first, ``/v1/metrics`` (NIM) on a 404; the working path and the
+  detected engine are remembered until the replica fails in a way that suggests it changed.
+* Logs record transitions, not ticks: ok → failing and failing → ok once each, and a signal a
+  replica does not expose once per replica. Every failure is counted by reason (``errors``, and
+  the ``on_result`` callback for the exporter).
+* Failure reasons are a bounded set (``REASONS``): usable as a metric label.
+* One kept-alive HTTP/1.1 connection per replica, through ``_Connection`` rather than aiohttp's
+  client, because scraping shares the event loop with the proxy and aiohttp costs ~3x the CPU
+  per scrape (measured in benchmarks/routing_core.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import zlib
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from gateway.config import ScraperConfig
+from gateway.engine_metrics import (
+    EngineSample,
+    MetricNames,
+    custom_names,
+    detect_engine,
+    names_for,
+    parse_engine_metrics,
+)
+from gateway.pool import ReplicaPool
+from policies.types import ReplicaId
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/metrics"
+NIM_PATH = "/v1/metrics"  # NIM for LLMs serves its metrics here
+MAX_PAGE_BYTES = 8 * 1024 * 1024  # real pages are tens of KB; bound memory on a broken replica
+
+REASONS = (
+    "timeout",
+    "connection",
+    "http_status",
+    "too_large",
+    "unknown_engine",
+    "bad_encoding",
+    "protocol",
+    "error",
+)
+
+# Uncompressed: gzip would cost more CPU on both ends than it saves on a cluster network.
+_REQUEST_HEADERS = (
+    "User-Agent: kvgate-scraper\r\nAccept: text/plain\r\nAccept-Encoding: identity\r\n\r\n"
+)
+
+# (replica, failure reason or None on success, duration in seconds)
+ScrapeObserver = Callable[[ReplicaId, str | None, float], None]
+
+
+class ScrapeError(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class _Target:
+    """What the scraper has learned about one replica."""
+
+    connection: _Connection | None = None  # kept alive between scrapes
+    path: str | None = None  # the metrics path known to work
+    names: MetricNames | None = None  # resolved name table (detected or configured)
+    failing: str | None = None  # reason of the current failure streak
+    failures: int = 0  # length of the current failure streak
+    reported_missing: set[str] = field(default_factory=set)
+
+
+class MetricsScraper:
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        config: ScraperConfig,
+        *,
+        clock: Callable[[], float],
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_result: ScrapeObserver | None = None,
+    ) -> None:
+        self._pool = pool
+        self._config = config
+        self._clock = clock
+        self._sleep = sleep
+        self._on_result = on_result
+        self._targets: dict[ReplicaId, _Target] = {}
+        self._fixed = self._configured_names(config)
+        self.errors: Counter[str] = Counter()  # failures by reason, since start
+        self.rounds = 0
+
+    @staticmethod
+    def _configured_names(config: ScraperConfig) -> MetricNames | None:
+        """The name table when config pins the engine; None means detect per replica."""
+        if config.engine == "auto":
+            return None
+        return _overlay(names_for(config.engine), config)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Scrape every ``interval_s`` until cancelled. Rounds start on a fixed cadence."""
+        interval = self._config.interval_s
+        while True:
+            started = self._clock()
+            await self.scrape_once()
+            await self._sleep(max(0.0, interval - (self._clock() - started)))
+
+    def tracked_replicas(self) -> frozenset[ReplicaId]:
+        """Replicas the scraper currently remembers a path, engine or failure streak for."""
+        return frozenset(self._targets)
+
+    async def close(self) -> None:
+        """Close every kept-alive connection (the task itself is cancelled by its owner)."""
+        for target in self._targets.values():
+            if target.connection is not None:
+                target.connection.close()
+
+    # -- one round -------------------------------------------------------------------------
+
+    async def scrape_once(self) -> None:
+        """Scrape every current member once, concurrently; returns when all are done."""
+        ids = self._pool.ids()
+        for gone in self._targets.keys() - set(ids):
+            connection = self._targets.pop(gone).connection
+            if connection is not None:
+                connection.close()
+        async with asyncio.TaskGroup() as tg:
+            for replica in ids:
+                tg.create_task(self._scrape_replica(replica))
+        self.rounds += 1
+
+    async def _scrape_replica(self, replica: ReplicaId) -> None:
+        if replica not in self._pool:  # removed since the round started
+            return
+        started = self._clock()
+        target = self._targets.get(replica)
+        if target is None:
+            target = self._targets[replica] = _Target()
+        try:
+            async with asyncio.timeout(self._config.timeout_s):
+                sample = await self._fetch_sample(replica, target)
+        except TimeoutError:
+            reason, detail = "timeout", "no answer within timeout_s"
+        except ScrapeError as exc:
+            reason, detail = exc.reason, str(exc)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            reason, detail = "connection", f"{type(exc).__name__}: {exc}"
+        except (ValueError, asyncio.LimitOverrunError) as exc:
+            reason, detail = "protocol", f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # one replica's surprise must not end the round for all
+            reason, detail = "error", repr(exc)
+        else:
+            self._succeeded(replica, target, sample)
+            self._report(replica, None, started)
+            return
+        self._failed(replica, target, reason, detail)
+        self._report(replica, reason, started)
+
+    async def _fetch_sample(self, replica: ReplicaId, target: _Target) -> EngineSample:
+        if target.connection is None:
+            target.connection = _Connection(self._pool.url(replica))
+        paths = self._paths(target)
+        for i, path in enumerate(paths):
+            status, headers, body = await target.connection.get(path)
+            if status == 404 and i + 1 < len(paths):
+                continue
+            if status != 200:
+                target.path = None  # maybe a different engine now: probe again next time
+                raise ScrapeError("http_status", f"GET {path} returned {status}")
+            target.path = path
+            coding = headers.get("content-encoding", "identity").lower()
+            try:
+                if coding in ("gzip", "deflate"):  # sent despite Accept-Encoding: identity
+                    body = zlib.decompressobj(wbits=47).decompress(body, MAX_PAGE_BYTES)
+                elif coding != "identity":
+                    raise ScrapeError("bad_encoding", f"GET {path}: Content-Encoding {coding}")
+                text = body.decode("utf-8")
+            except (UnicodeDecodeError, zlib.error) as exc:
+                raise ScrapeError("bad_encoding", f"GET {path}: {exc}") from exc
+            return self._parse(text, target)
+        raise AssertionError("unreachable: the last path either returns or raises")
+
+    def _paths(self, target: _Target) -> tuple[str, ...]:
+        if self._config.metrics_path is not None:
+            return (self._config.metrics_path,)
+        if target.path is not None:
+            return (target.path,)
+        if self._config.engine == "nim":
+            return (NIM_PATH,)
+        return (DEFAULT_PATH, NIM_PATH)
+
+    def _parse(self, text: str, target: _Target) -> EngineSample:
+        names = self._fixed or target.names
+        if names is None:
+            engine = detect_engine(text)
+            names = _overlay(None if engine is None else names_for(engine), self._config)
+            if names is None:
+                raise ScrapeError("unknown_engine", "page has no known engine metric names")
+        sample = parse_engine_metrics(text, names=names)
+        # Keep a detected table only while it finds something: a replica whose page stops
+        # matching (upgraded engine, different server behind the URL) is re-detected.
+        found = (sample.queue_depth, sample.running, sample.kv_usage) != (None, None, None)
+        target.names = names if found else None
+        return sample
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def _succeeded(self, replica: ReplicaId, target: _Target, sample: EngineSample) -> None:
+        self._pool.apply_scrape(replica, sample, self._clock())
+        if target.failing is not None:
+            logger.info(
+                "metrics scrape of replica %s recovered after %d failures (%s)",
+                replica,
+                target.failures,
+                target.failing,
+            )
+            target.failing = None
+            target.failures = 0
+        missing = [
+            signal
+            for signal, value in (
+                ("queue_depth", sample.queue_depth),
+                ("running", sample.running),
+                ("kv_usage", sample.kv_usage),
+            )
+            if value is None and signal not in target.reported_missing
+        ]
+        if missing:
+            target.reported_missing.update(missing)
+            logger.warning(
+                "replica %s (engine %s) does not expose %s; treated as unknown",
+                replica,
+                sample.engine,
+                ", ".join(missing),
+            )
+
+    def _failed(self, replica: ReplicaId, target: _Target, reason: str, detail: str) -> None:
+        self.errors[reason] += 1
+        self._pool.scrape_failed(replica, reason, self._clock())
+        if target.failing is None:
+            logger.warning("metrics scrape of replica %s failing: %s (%s)", replica, reason, detail)
+        elif target.failing != reason:
+            logger.warning(
+                "metrics scrape of replica %s still failing, now: %s (%s)", replica, reason, detail
+            )
+        target.failing = reason
+        target.failures += 1
+
+    def _report(self, replica: ReplicaId, reason: str | None, started: float) -> None:
+        if self._on_result is not None:
+            self._on_result(replica, reason, self._clock() - started)
+
+
+def _overlay(base: MetricNames | None, config: ScraperConfig) -> MetricNames | None:
+    """``base`` with the config's custom metric names applied (None: nothing to read)."""
+    custom = config.metric_names
+    if custom is None or not (custom.queue_depth or custom.running or custom.kv_usage):
+        return base
+    return custom_names(
+        base, waiting=custom.queue_depth, running=custom.running, kv_usage=custom.kv_usage
+    )
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection to one replica, for GETs of its metrics page.
+
+    Not aiohttp's client: a scrape is the same tiny GET hundreds of times a second, and aiohttp
+    spends ~200 µs of CPU on each where this spends ~60 µs (benchmarks/routing_core.py), on the
+    event loop the proxy shares. It reads Content-Length, chunked and close-delimited bodies, at
+    most MAX_PAGE_BYTES; any error or cancellation (the scrape timeout) closes the connection
+    and the next scrape reconnects. A reused connection that the replica closed while idle is
+    retried once on a fresh one before the failure counts.
+    """
+
+    _tls: ssl.SSLContext | None = None  # one default context for all replicas (costly to build)
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"cannot scrape {url!r}: not an http(s) URL")
+        self._host = parts.hostname
+        self._tls_wanted = parts.scheme == "https"
+        self._port = parts.port or (443 if self._tls_wanted else 80)
+        self._authority = parts.netloc.rpartition("@")[2]
+        self._prefix = parts.path.rstrip("/")
+        self._requests: dict[str, bytes] = {}
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+    async def get(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        reused = self._writer is not None
+        try:
+            return await self._exchange(path)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            partial = isinstance(exc, asyncio.IncompleteReadError) and exc.partial
+            if not reused or partial:
+                raise
+        return await self._exchange(path)
+
+    async def _exchange(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        if self._writer is None:
+            tls = None
+            if self._tls_wanted:
+                tls = _Connection._tls = _Connection._tls or ssl.create_default_context()
+            self._reader, self._writer = await asyncio.open_connection(
+                self._host, self._port, ssl=tls
+            )
+        reader, writer = self._reader, self._writer
+        assert reader is not None
+        keep = False
+        try:
+            request = self._requests.get(path)
+            if request is None:
+                request = self._requests[path] = (
+                    f"GET {self._prefix}{path} HTTP/1.1\r\nHost: {self._authority}\r\n"
+                    + _REQUEST_HEADERS
+                ).encode("latin-1")
+            writer.write(request)
+            status, headers = await _read_head(reader)
+            body = await _read_body(reader, headers)
+            keep = headers.get("connection", "").lower() != "close"
+            return status, headers, body
+        finally:
+            if not keep:
+                self.close()
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    while True:
+        lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        if not version.startswith("HTTP/1."):
+            raise ScrapeError("protocol", f"not an HTTP/1.x response: {lines[0][:40]!r}")
+        status = int(rest[:3])
+        if status >= 200:
+            break  # 1xx interim responses carry no body
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    if version == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
+        headers["connection"] = "close"
+    return status, headers
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        chunks: list[bytes] = []
+        size = 0
+        while n := int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16):
+            size += n
+            if size > MAX_PAGE_BYTES:
+                raise ScrapeError("too_large", f"page exceeds {MAX_PAGE_BYTES} bytes")
+            chunks.append(await reader.readexactly(n))
+            await reader.readexactly(2)
+        while await reader.readuntil(b"\r\n") != b"\r\n":
+            pass  # trailers
+        return b"".join(chunks)
+    length = headers.get("content-length")
+    if length is not None:
+        if int(length) > MAX_PAGE_BYTES:
+            raise ScrapeError("too_large", f"page of {length} bytes exceeds {MAX_PAGE_BYTES}")
+        return await reader.readexactly(int(length))
+    headers["connection"] = "close"  # the body ends where the connection does
+    body = await reader.read(MAX_PAGE_BYTES + 1)
+    while len(body) <= MAX_PAGE_BYTES and (more := await reader.read(MAX_PAGE_BYTES + 1)):
+        body += more
+    if len(body) > MAX_PAGE_BYTES:
+        raise ScrapeError("too_large", f"page exceeds {MAX_PAGE_BYTES} bytes")
+    return body

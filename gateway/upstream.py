@@ -1,0 +1,203 @@
+"""The proxy's HTTP client to replicas, and the one place its exceptions are translated.
+
+Invariants:
+
+* aiohttp/asyncio client exceptions are caught here and only here, and re-raised as
+  ``gateway.errors`` classes with ``from exc`` (the httpx ``map_exceptions`` pattern).
+* No total timeout: a connect timeout (``sock_connect``) and a first-byte timeout covering
+  sending the request, the response head and the first body chunk. After the first byte a
+  generation may take as long as it takes.
+* Bytes pass through untouched: no decompression (``auto_decompress=False``), no automatic
+  Accept-Encoding, and hop-by-hop headers stripped in both directions.
+* A response that is not read to its end is closed (``UpstreamResponse.close``), which closes
+  the connection, so the replica sees the abort and stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.errors import (
+    GatewayError,
+    UpstreamConnectError,
+    UpstreamDisconnected,
+    UpstreamResponseInvalid,
+    UpstreamTimeout,
+)
+
+# RFC 9110 §7.6.1 plus the legacy names proxies strip.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+# Length and framing are the gateway's own; Date/Server are set by the gateway's HTTP server.
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
+
+
+def _dropped(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset[str]:
+    listed = {
+        token.strip().lower() for v in headers.getall("Connection", ()) for token in v.split(",")
+    }
+    return base | listed if listed else base
+
+
+def request_headers(
+    headers: CIMultiDictProxy[str], *, client_ip: str | None, request_id: str
+) -> CIMultiDict[str]:
+    drop = _dropped(headers, _REQUEST_DROP)
+    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    if client_ip:
+        prior = ", ".join(out.getall("X-Forwarded-For", ()))
+        out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
+    out["x-request-id"] = request_id
+    out.setdefault("Content-Type", "application/json")
+    return out
+
+
+def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    drop = _dropped(headers, _RESPONSE_DROP)
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def new_session(*, connect_timeout_s: float) -> aiohttp.ClientSession:
+    """The proxy session: unlimited connections (concurrency is the router's business)."""
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=10)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
+        auto_decompress=False,
+        skip_auto_headers=("Accept-Encoding", "User-Agent"),
+    )
+
+
+class UpstreamResponse:
+    """A replica's response whose head and first body chunk have arrived."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, first: bytes) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.headers = resp.headers
+        self.content_type = resp.content_type
+        self.first = first
+        self.complete = first == b"" or resp.content.at_eof()
+
+    async def next_chunk(self) -> bytes:
+        """The next bytes as they arrive; b"" at the end. Raises ``UpstreamDisconnected``."""
+        if self.complete:
+            return b""
+        try:
+            chunk = await self._resp.content.readany()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise UpstreamDisconnected(
+                f"replica closed the response before its end: {type(exc).__name__}"
+            ) from exc
+        if not chunk:
+            self.complete = True
+        return chunk
+
+    async def read_rest(self, limit: int) -> bytes:
+        """The remaining body up to ``limit`` bytes (for small error bodies kept for the client)."""
+        parts = [self.first]
+        size = len(self.first)
+        while size < limit:
+            chunk = await self.next_chunk()
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if self.complete:
+            self._resp.release()
+        else:
+            self._resp.close()  # drops the connection: the replica aborts the request
+
+
+async def open_response(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    headers: CIMultiDict[str],
+    body: bytes,
+    first_byte_timeout_s: float,
+) -> UpstreamResponse:
+    """POST ``body`` to ``url`` and wait for the first response byte."""
+    resp: aiohttp.ClientResponse | None = None
+    try:
+        async with asyncio.timeout(first_byte_timeout_s):
+            resp = await session.post(url, data=body, headers=headers)
+            first = await resp.content.readany()
+        return UpstreamResponse(resp, first)
+    except BaseException as exc:
+        if resp is not None:
+            resp.close()
+        error = translate(exc, first_byte_timeout_s)
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def translate(exc: BaseException, first_byte_timeout_s: float) -> BaseException:
+    """The gateway error for a client exception; anything else (cancellation) unchanged."""
+    if isinstance(exc, aiohttp.ServerTimeoutError):  # sock_connect
+        return UpstreamConnectError(f"connect timeout: {exc}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamConnectError(f"cannot connect to replica: {exc.os_error.strerror or exc}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return UpstreamDisconnected(f"replica closed the connection: {type(exc).__name__}")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return UpstreamDisconnected(f"replica response truncated: {type(exc).__name__}")
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientError):
+        return UpstreamResponseInvalid(f"invalid response from replica: {type(exc).__name__}")
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"no response from replica within {first_byte_timeout_s:g} s")
+    return exc
+
+
+def error_reason(error: GatewayError) -> str:
+    """The bounded ``reason`` label of kvgate_upstream_errors_total for an upstream error."""
+    if isinstance(error, UpstreamConnectError):
+        return "connect"
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, UpstreamDisconnected):
+        return "disconnect"
+    return "protocol"
+
+
+def join_url(base: str, path: str, query: str = "") -> str:
+    url = base.rstrip("/") + path
+    return f"{url}?{query}" if query else url
+
+
+async def fetch_json(session: aiohttp.ClientSession, url: str, *, timeout_s: float) -> object:
+    """GET ``url`` and decode its JSON body (control-plane calls: model lists)."""
+    try:
+        async with asyncio.timeout(timeout_s), session.get(url) as resp:
+            body = await resp.read()
+            if resp.status != 200:
+                raise UpstreamResponseInvalid(f"GET {url} answered {resp.status}")
+    except GatewayError:
+        raise
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise translate(exc, timeout_s) from exc
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamResponseInvalid(f"GET {url} returned invalid JSON") from exc
