@@ -71,3 +71,5 @@ clean:
 
 # Optional real kube-apiserver + etcd for the Kubernetes discovery test.
 include mk/kube.mk
+# Locust against the demo (bench-locust).
+include mk/load.mk

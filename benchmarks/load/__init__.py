@@ -1,0 +1,1 @@
+"""Load generators: seeded workloads, the open-loop asyncio client, the locustfile, reports."""
