@@ -71,5 +71,7 @@ clean:
 
 # Optional real kube-apiserver + etcd for the Kubernetes discovery test.
 include mk/kube.mk
+# Optional real kube-controller-manager for the HPA conformance check.
+include mk/autoscale.mk
 # Locust against the demo (bench-locust).
 include mk/load.mk
