@@ -108,6 +108,10 @@ class MetricsScraper:
         self._fixed = self._configured_names(config)
         self.errors: Counter[str] = Counter()  # failures by reason, since start
         self.rounds = 0
+        # One round at a time: rounds share each replica's kept-alive connection, and two
+        # readers on one stream corrupt both. A caller of scrape_once() while run() is active
+        # (tests, an on-demand refresh) waits for the current round, then gets a fresh one.
+        self._round_lock = asyncio.Lock()
 
     @staticmethod
     def _configured_names(config: ScraperConfig) -> MetricNames | None:
@@ -140,6 +144,10 @@ class MetricsScraper:
 
     async def scrape_once(self) -> None:
         """Scrape every current member once, concurrently; returns when all are done."""
+        async with self._round_lock:
+            await self._round()
+
+    async def _round(self) -> None:
         ids = self._pool.ids()
         for gone in self._targets.keys() - set(ids):
             connection = self._targets.pop(gone).connection

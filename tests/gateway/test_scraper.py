@@ -322,6 +322,20 @@ async def test_scrapes_the_replica_simulator(
         assert sample_of(pool, f) == (0, 0, 0.0)  # idle, and every signal known
 
 
+async def test_overlapping_rounds_share_connections_safely(
+    start_replicas: StartReplicas, scrapers: list[MetricsScraper]
+) -> None:
+    # Rounds reuse each replica's kept-alive connection; two rounds reading one stream at once
+    # used to fail with "readuntil() called while another coroutine is already waiting".
+    sims = await start_replicas(3, ReplicaSettings.fast())
+    pool = make_pool({f"r{i}": sim.url for i, sim in enumerate(sims)})
+    scraper = scraper_for(pool, scrapers, Clock())
+    await scraper.scrape_once()  # opens the kept-alive connections the next rounds share
+    await asyncio.gather(*(scraper.scrape_once() for _ in range(8)))
+    assert scraper.errors == {}
+    assert scraper.rounds == 9
+
+
 # -- the scraper's HTTP/1.1 client against raw servers with exact bytes ----------------------
 
 PAGE = "vllm:num_requests_waiting 4\nvllm:num_requests_running 2\nvllm:gpu_cache_usage_perc 0.5\n"
