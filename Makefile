@@ -75,3 +75,5 @@ include mk/kube.mk
 include mk/autoscale.mk
 # Locust against the demo (bench-locust).
 include mk/load.mk
+# Proxy overhead benchmark against nginx and the Rust routers (bench-proxy).
+include mk/proxy.mk
