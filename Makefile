@@ -77,3 +77,5 @@ include mk/autoscale.mk
 include mk/load.mk
 # Proxy overhead benchmark against nginx and the Rust routers (bench-proxy).
 include mk/proxy.mk
+# Saturation benchmark and the issue-length scale-from-zero test.
+include mk/lifecycle.mk

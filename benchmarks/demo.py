@@ -80,7 +80,7 @@ Try:
   curl -sN {api}/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{chat}, "stream": true}}'
   .venv/bin/python -c '{sdk}'
-  curl -s {admin}/metrics | grep -E '^kvgate_(requests_total|replica_queue_depth|inflight)'
+  curl -s {admin}/metrics | grep -E '^kvgate_(requests_(total|in_flight)|replica_queue_depth)'
 
 Ctrl-C stops everything.
 """

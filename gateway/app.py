@@ -33,10 +33,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import aiohttp
+import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.admin import build_admin_app
+from gateway.auth import KeyStore, auth_middleware
+from gateway.buffer import RequestBuffer, saturation_bounds
 from gateway.catalog import ModelCatalog
 from gateway.config import (
     DnsReplicas,
@@ -44,13 +47,15 @@ from gateway.config import (
     KubernetesReplicas,
     ReplicasConfig,
     StaticReplicas,
+    load_config,
     policy_name,
     policy_params,
-    replica_id,
 )
-from gateway.discovery.base import DiscoveredReplica, Discovery
+from gateway.discovery.base import Discovery
+from gateway.discovery.static import FileWatch, replicas_from_urls
 from gateway.errors import ConfigError, GatewayError, from_http_exception, render
 from gateway.exporter import GatewayMetrics, ReplicaStateCollector
+from gateway.health import HealthTracker
 from gateway.log import AccessRecord, log_access, request_id_var
 from gateway.pool import ReplicaPool
 from gateway.proxy import ACCESS, Proxy
@@ -88,6 +93,8 @@ class Gateway:
     catalog: ModelCatalog
     scraper: MetricsScraper
     proxy: Proxy
+    health: HealthTracker
+    buffer: RequestBuffer
     started: bool = False
     draining: bool = False
     failed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -113,18 +120,26 @@ def build_app(
     clock: Callable[[], float] = time.monotonic,
     rng: random.Random | None = None,
     registry: CollectorRegistry | None = None,
+    config_path: Path | None = None,
 ) -> web.Application:
+    """``config_path``: the file ``cfg`` came from; static replicas are then re-read from it
+    when it changes or on SIGHUP (``kvgate serve`` passes it)."""
     registry = registry if registry is not None else CollectorRegistry()
     policy = make_policy(policy_name(cfg.policy), policy_params(cfg.policy))
     metrics = GatewayMetrics(registry, version=package_version(), policy=policy.name)
-    pool = ReplicaPool(max_metrics_age_s=cfg.scraper.max_metrics_age_s)
-    router = Router(pool, policy, rng=rng or random.Random(), clock=clock, metrics=metrics)
-    registry.register(ReplicaStateCollector(pool, clock))
+    pool = ReplicaPool(
+        max_metrics_age_s=cfg.scraper.max_metrics_age_s,
+        saturation=saturation_bounds(cfg.saturation),
+        slow_start_s=cfg.health.slow_start_s,
+    )
+    health = HealthTracker(pool, cfg.health, clock=clock)
+    router = Router(
+        pool, policy, rng=rng or random.Random(), clock=clock, metrics=metrics, health=health
+    )
 
-    def on_scrape(replica: ReplicaId, reason: str | None, duration_s: float) -> None:
-        metrics.scrape_duration.observe(duration_s)
+    def on_scrape(replica: ReplicaId, reason: str | None, _duration_s: float) -> None:
         if reason is not None:
-            metrics.scrape_errors.labels(replica, reason).inc()
+            metrics.scrape_failed(replica, reason)
 
     scraper = MetricsScraper(pool, cfg.scraper, clock=clock, on_result=on_scrape)
     catalog = ModelCatalog(
@@ -132,6 +147,12 @@ def build_app(
         refresh_interval_s=cfg.models.refresh_interval_s,
         refresh_timeout_s=cfg.models.refresh_timeout_s,
         clock=clock,
+        health=health,
+        probe_path=cfg.health.probe_path,
+        probe_timeout_s=cfg.health.probe_timeout_s,
+    )
+    buffer = RequestBuffer(
+        pool, router, cfg.buffer, configured_models=cfg.models.names, clock=clock
     )
     gw: Gateway
 
@@ -146,22 +167,60 @@ def build_app(
         session=session,
         metrics=metrics,
         clock=clock,
+        buffer=buffer,
     )
-    gw = Gateway(cfg, clock, registry, metrics, pool, policy, router, catalog, scraper, proxy)
-    gw.discovery = _discovery(cfg.replicas)
-    if isinstance(cfg.replicas, StaticReplicas):  # known now: no task needed
-        pool.set_members(
-            "static",
-            [
-                DiscoveredReplica(replica_id(u), u.rstrip("/"), ready=True)
-                for u in cfg.replicas.urls
-            ],
+    registry.register(
+        ReplicaStateCollector(
+            pool,
+            clock,
+            labels=proxy.labels,
+            in_flight=metrics.in_flight,
+            queued=lambda: buffer.queued_by_model(proxy.labels.label),
         )
-    app = web.Application(middlewares=[request_middleware(gw)])
+    )
+    pool.add_listener(metrics.forget_replicas)
+    gw = Gateway(
+        cfg, clock, registry, metrics, pool, policy, router, catalog, scraper, proxy, health, buffer
+    )
+    gw.discovery = _discovery(cfg.replicas)
+    if isinstance(cfg.replicas, StaticReplicas):  # known now; the watch only reloads
+        pool.set_members("static", replicas_from_urls(cfg.replicas.urls))
+        if config_path is not None:
+            gw.discovery = _config_watch(cfg, config_path)
+    middlewares = [request_middleware(gw)]
+    if cfg.auth is not None:  # inside the request middleware: its 401/429 are rendered, logged
+        middlewares.append(auth_middleware(_key_store(cfg, clock)))
+    app = web.Application(middlewares=middlewares)
     app[GATEWAY] = gw
     proxy.add_routes(app)
     app.cleanup_ctx.append(_lifecycle(gw))
     return app
+
+
+def _key_store(cfg: GatewayConfig, clock: Callable[[], float]) -> KeyStore:
+    auth = cfg.auth
+    assert auth is not None
+    return KeyStore(
+        keys_file=None if auth.keys_file is None else Path(auth.keys_file),
+        keys_dir=None if auth.keys_dir is None else Path(auth.keys_dir),
+        priority_classes=cfg.buffer.priority_classes,
+        reload_interval_s=auth.reload_interval_s,
+        clock=clock,
+    )
+
+
+def _config_watch(cfg: GatewayConfig, path: Path) -> FileWatch:
+    """Static replicas re-read from the config file (on change or SIGHUP), nothing else."""
+
+    def load() -> list[str]:
+        new = load_config(path)
+        if not isinstance(new.replicas, StaticReplicas):
+            raise ConfigError(f"{path}: replicas.discovery changed; restart kvgate to apply it")
+        if msgspec.structs.replace(new, replicas=cfg.replicas) != cfg:
+            logger.warning("%s: only replicas.urls is reloaded; restart for the rest", path)
+        return new.replicas.urls
+
+    return FileWatch(path, load, load_errors=(ConfigError,), source="static")
 
 
 def _discovery(replicas: ReplicasConfig) -> Discovery | None:
@@ -261,7 +320,16 @@ def request_middleware(gw: Gateway) -> Callable[..., Awaitable[web.StreamRespons
             if not resp.prepared:
                 resp.headers["x-request-id"] = rid
             return resp
-        except BaseException:  # cancelled or connection reset: the client went away...
+        except ConnectionResetError:
+            # The client closed its connection while its response was being written (under
+            # uvloop a client's FIN often surfaces here, before the handler is cancelled).
+            # Nothing can reach it; re-raising would make aiohttp log a 500 with a traceback
+            # for an everyday event, so hand aiohttp a response whose write fails quietly.
+            rec.status = CLIENT_CLOSED
+            if request.transport is not None and not request.transport.is_closing():
+                raise
+            return web.Response(status=CLIENT_CLOSED)
+        except BaseException:  # cancelled: the client went away...
             rec.status = CLIENT_CLOSED
             if gw.draining:  # ...or the shutdown drain time ran out
                 rec.error = "cancelled_at_shutdown"
@@ -294,14 +362,14 @@ async def _rendering_errors(
         logger.exception("unhandled error in %s %s", request.method, request.path)
         error = GatewayError("internal error in the gateway")
     rec.error = error.code
-    gw.metrics.request_errors.labels(error.code).inc()
+    if error.retry_after_s is not None:  # refused for lack of capacity, not a client error
+        gw.metrics.rejections.labels(gw.proxy.model_label(rec.model), error.code).inc()
     return render(error, rec.request_id)
 
 
 def _finish(gw: Gateway, rec: AccessRecord) -> None:
     label = gw.proxy.model_label(rec.model)
-    gw.metrics.requests.labels(label, str(rec.status)).inc()
-    gw.metrics.request_duration.labels(label).observe(rec.duration_s)
+    gw.metrics.request_finished(label, rec.status, rec.duration_s)
     if gw.cfg.logging.access_log:
         log_access(rec)
 
@@ -316,9 +384,10 @@ class GatewayServer:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         registry: CollectorRegistry | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.cfg = cfg
-        self.app = build_app(cfg, clock=clock, rng=rng, registry=registry)
+        self.app = build_app(cfg, clock=clock, rng=rng, registry=registry, config_path=config_path)
         self.gateway = self.app[GATEWAY]
         self.admin_app = build_admin_app(self.gateway)
         # handler_cancellation: a client that disconnects cancels its handler at once, which
@@ -328,6 +397,7 @@ class GatewayServer:
             handler_cancellation=True,
             access_log=None,
             shutdown_timeout=cfg.shutdown.drain_s,
+            keepalive_timeout=cfg.listen.header_timeout_s,  # aiohttp's only slow-loris bound
         )
         self._admin_runner = web.AppRunner(self.admin_app, access_log=None, shutdown_timeout=1.0)
 

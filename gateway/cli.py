@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvloop
 
@@ -28,6 +29,7 @@ from gateway.config import (
     load_config,
     policy_name,
 )
+from gateway.discovery.static import FileWatch
 from gateway.errors import ConfigError
 from gateway.log import setup_logging
 
@@ -71,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     setup_logging(cfg.logging.level, cfg.logging.format)
     try:
-        return uvloop.run(serve(cfg))
+        return uvloop.run(serve(cfg, config_path=Path(path)))
     except ConfigError as exc:  # found while building the gateway (e.g. no Kubernetes credentials)
         print(f"kvgate: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -88,14 +90,23 @@ def _describe(cfg: GatewayConfig) -> str:
     return f"{members}, policy {policy_name(cfg.policy)}"
 
 
-async def serve(cfg: GatewayConfig) -> int:
-    """Run until SIGTERM/SIGINT (graceful stop, 0) or a background task fails (1)."""
-    server = GatewayServer(cfg)
+async def serve(cfg: GatewayConfig, config_path: Path | None = None) -> int:
+    """Run until SIGTERM/SIGINT (graceful stop, 0) or a background task fails (1).
+
+    SIGHUP re-reads static replicas from ``config_path`` (which is also watched for changes);
+    with other discovery it is logged and ignored rather than ending the process.
+    """
+    server = GatewayServer(cfg, config_path=config_path)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watch = server.gateway.discovery
+    if isinstance(watch, FileWatch):
+        loop.add_signal_handler(signal.SIGHUP, watch.request_reload)
+    else:
+        loop.add_signal_handler(signal.SIGHUP, logger.info, "SIGHUP ignored: nothing to reload")
     failed = server.gateway.failed
     waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(failed.wait())]
     try:
@@ -104,7 +115,7 @@ async def serve(cfg: GatewayConfig) -> int:
         for w in waiters:
             w.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     if stop.is_set():
         logger.info("signal received: shutting down gracefully")

@@ -45,6 +45,12 @@ class _Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 class ListenConfig(_Base, frozen=True):
     host: str = "0.0.0.0"
     port: Port = 8080
+    # A connection must deliver a complete request head within this time of connecting or of
+    # its previous response, else it is closed (slow-loris headers; also the idle keep-alive
+    # timeout, so keep it above the idle timeout of a load balancer in front).
+    header_timeout_s: Seconds = 75.0
+    # The whole request body must arrive within this time of the handler starting (408).
+    body_timeout_s: Seconds = 60.0
 
 
 class AdminConfig(_Base, frozen=True):
@@ -117,6 +123,10 @@ class ModelsConfig(_Base, frozen=True):
     # Used for a request without "model"; when unset, the single model the replicas serve (if
     # they serve exactly one) is used, otherwise such a request is a 400.
     default_model: str | None = None
+    # Models known before any replica lists them (scale from zero): requests for them wait in
+    # the buffer while no replica serves them, and their per-model metrics exist from the
+    # start, at 0, so an autoscaler reads 0 rather than nothing while no replica runs.
+    names: tuple[str, ...] = ()
     refresh_interval_s: Seconds = 5.0  # GET /v1/models on every replica
     refresh_timeout_s: Seconds = 2.0
 
@@ -223,6 +233,22 @@ class UpstreamConfig(_Base, frozen=True):
     # A non-streaming response up to this size is held until complete, so an upstream failure
     # becomes a clean 502; a larger one is passed through as it arrives.
     max_buffered_response_bytes: PositiveBytes = 8 * 1024 * 1024
+    # The client's Authorization header is dropped unless this is true; api_key_file (re-read
+    # when it changes) holds a token sent to replicas as "Authorization: Bearer <token>".
+    forward_client_auth: bool = False
+    api_key_file: str | None = None
+
+
+class AuthConfig(_Base, frozen=True):
+    """Client API keys (``gateway/auth.py`` documents both formats); off when ``auth`` is null."""
+
+    keys_file: str | None = None  # YAML: keys: [{name, key, priority, max_concurrency}]
+    keys_dir: str | None = None  # one file per key, e.g. a mounted Kubernetes Secret
+    reload_interval_s: Seconds = 2.0  # how often the files are checked for changes
+
+    def __post_init__(self) -> None:
+        if (self.keys_file is None) == (self.keys_dir is None):
+            raise ValueError("set exactly one of keys_file and keys_dir")
 
 
 class ShutdownConfig(_Base, frozen=True):
@@ -230,6 +256,70 @@ class ShutdownConfig(_Base, frozen=True):
     # balancers notice before the listener closes (0 = close at once).
     delay_s: NonNegativeSeconds = 0.0
     drain_s: NonNegativeSeconds = 30.0  # how long in-flight requests may take to finish
+
+
+class HealthConfig(_Base, frozen=True):
+    """Readiness probes, passive health (ejection) and slow start (``gateway/health.py``)."""
+
+    # GET on a starting replica; 200 = healthy. None: /health, and /v1/health/ready (NIM) if
+    # /health is a 404. The replica is ready once this passes and it lists its models.
+    probe_path: str | None = None
+    probe_timeout_s: Seconds = 2.0
+    probe_interval_s: Seconds = 0.5  # after the first failed probe, doubling up to the max
+    probe_max_interval_s: Seconds = 5.0
+    # Passive health: this many connection failures or 5xx answers in a row eject a replica
+    # (0 = never eject) for base_ejection_s, doubled at each ejection in a row, up to the max.
+    consecutive_failures: NonNegativeInt = 5
+    base_ejection_s: Seconds = 5.0
+    max_ejection_s: Seconds = 120.0
+    # Share of the ready + ejected replicas that may be ejected at once; one always may be.
+    max_ejection_percent: Annotated[int, msgspec.Meta(ge=0, le=100)] = 50
+    # A freshly ready (or readmitted) replica's share of traffic ramps up over this window.
+    slow_start_s: NonNegativeSeconds = 0.0
+
+    def __post_init__(self) -> None:
+        if self.probe_path is not None and not self.probe_path.startswith("/"):
+            raise ValueError(f"probe_path {self.probe_path!r} must start with /")
+        if self.probe_interval_s > self.probe_max_interval_s:
+            raise ValueError("probe_interval_s must be <= probe_max_interval_s")
+        if self.base_ejection_s > self.max_ejection_s:
+            raise ValueError("base_ejection_s must be <= max_ejection_s")
+
+
+class SaturationConfig(_Base, frozen=True):
+    """Bounds past which a ready replica takes no more requests; they wait in the buffer.
+
+    Each is off when null. Queue and KV bounds apply while the replica's scrape is fresh.
+    """
+
+    max_inflight_per_replica: PositiveInt | None = None  # this gateway's requests in flight
+    max_queue_per_replica: PositiveInt | None = None  # scraped waiting + dispatched since
+    max_kv_usage: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+
+
+def _default_priority_classes() -> dict[str, int]:
+    return {"critical": 1, "standard": 0, "sheddable": -1}
+
+
+class BufferConfig(_Base, frozen=True):
+    """Requests that no replica can take yet wait here (``gateway/buffer.py``)."""
+
+    max_queued_per_model: NonNegativeInt = 1000  # 0 = no buffer: refuse at once
+    max_wait_s: NonNegativeSeconds = 120.0  # cover a replica's cold start when scaling from 0
+    # Streaming requests that wait get ": keep-alive" SSE comments this often (0 = never); the
+    # 200 and SSE headers then go out before a replica is chosen (see gateway/buffer.py).
+    keepalive_interval_s: NonNegativeSeconds = 0.0
+    # Request header naming a priority class (null = every request is 0). Higher goes first;
+    # a class below 0 is sheddable. Only for trusted clients: strip it at the edge otherwise.
+    priority_header: str | None = "x-kvgate-priority"
+    priority_classes: dict[str, int] = msgspec.field(default_factory=_default_priority_classes)
+
+    def __post_init__(self) -> None:
+        if self.priority_header is not None and not self.priority_header.strip():
+            raise ValueError("priority_header must be a header name or null")
+        for name in self.priority_classes:
+            if not name or name != name.strip().lower():
+                raise ValueError(f"priority class {name!r} must be a lower-case name")
 
 
 class LoggingConfig(_Base, frozen=True):
@@ -246,8 +336,12 @@ class GatewayConfig(_Base, frozen=True):
     policy: PolicyConfig = P2CPolicy()
     scraper: ScraperConfig = ScraperConfig()
     upstream: UpstreamConfig = UpstreamConfig()
+    health: HealthConfig = HealthConfig()
+    saturation: SaturationConfig = SaturationConfig()
+    buffer: BufferConfig = BufferConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     logging: LoggingConfig = LoggingConfig()
+    auth: AuthConfig | None = None
 
     def __post_init__(self) -> None:
         if (

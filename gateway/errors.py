@@ -107,10 +107,13 @@ class UpstreamDisconnected(GatewayError):
 class UpstreamTimeout(GatewayError):
     """No first byte within ``upstream.first_byte_timeout_s``.
 
-    Not retried: the replica may be working on the request, and the next one would wait as long.
+    Retryable like a disconnect (before any byte reached the client, on a replica not tried
+    yet): a replica that accepts connections and never answers is the case this timeout exists
+    for, and the attempt also counts against its passive health. The abandoned request is
+    closed, so a replica that was only slow stops working on it.
     """
 
-    status, code = 504, "upstream_timeout"
+    status, code, retryable = 504, "upstream_timeout", True
 
 
 class UpstreamResponseInvalid(GatewayError):

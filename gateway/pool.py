@@ -16,6 +16,17 @@ Invariants:
   last values with their ``scraped_at``, so they go stale by ``max_metrics_age_s``.
 * A replica removed while it has requests in flight becomes ``draining`` (no new requests) and
   leaves the pool when its last request is released.
+* Phase writers: discovery (``set_members``: new → ``starting``, terminating or removed while
+  busy → ``draining``, not ready → ``starting``) and ``gateway.health.HealthTracker`` (through
+  the guarded ``promote``/``eject``/``readmit``: ``starting`` → ``ready`` ⇄ ``ejected``). A
+  replica becomes ``ready`` only while discovery admits it.
+* ``capacity`` is notified whenever something may have become routable or decidable (a release,
+  a replica ready, a scrape or failed scrape under saturation bounds, a model list or the
+  membership changed); ``changes`` whenever membership, admission or a phase changed. Both are
+  edge signals for the buffer and the catalog, which re-check the pool when woken.
+* ``ready_since`` is set each time a replica becomes ready (slow start ramps from it); with a
+  slow-start window the pool also keeps the replicas still inside it (``ramping``), so the
+  router's per-pick cost of the ramp is O(replicas ramping), usually zero.
 """
 
 from __future__ import annotations
@@ -48,18 +59,27 @@ class CapacitySignal:
     """A broadcast "something may have become routable" notification.
 
     ``wait()`` returns at the next ``notify()`` after it was called; ``notify()`` with nobody
-    waiting costs one attribute check, so the hot path (every release) can always call it.
+    waiting costs one attribute check and one call per subscriber, so the hot path (every
+    release) can always call it. Subscribers are called synchronously inside ``notify`` (from
+    pool methods, in the middle of a caller's update): they must only schedule work, never
+    route or change the pool themselves.
     """
 
-    __slots__ = ("_event",)
+    __slots__ = ("_event", "_subscribers")
 
     def __init__(self) -> None:
         self._event: asyncio.Event | None = None
+        self._subscribers: list[Callable[[], None]] = []
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._subscribers.append(callback)
 
     def notify(self) -> None:
         if self._event is not None:
             self._event.set()
             self._event = None
+        for callback in self._subscribers:
+            callback()
 
     async def wait(self) -> None:
         if self._event is None:
@@ -79,6 +99,11 @@ class ReplicaPool:
         self.saturation = saturation
         self.slow_start_s = slow_start_s
         self.capacity = CapacitySignal()
+        self.changes = CapacitySignal()
+        # Bumped when a phase, a model list or the membership changes (not on scrapes): lets the
+        # buffer re-judge "can capacity for this model still come?" only when it may differ.
+        self.epoch = 0
+        self._ramping: dict[ReplicaId, float] = {}  # ready replicas inside the slow-start window
         self._entries: dict[ReplicaId, _Entry] = {}
         self._inflight: dict[ReplicaId, int] = {}
         self._inflight_view: Mapping[ReplicaId, int] = MappingProxyType(self._inflight)
@@ -147,6 +172,19 @@ class ReplicaPool:
         """True when some member has not yet said which models it serves (still starting)."""
         return any(not s.models for s in self._states)
 
+    def admitted(self, replica: ReplicaId) -> bool:
+        """Whether discovery's authority lets ``replica`` serve (Kubernetes readiness)."""
+        return self._entries[replica].admitted
+
+    def ramping(self, now: float) -> Mapping[ReplicaId, float]:
+        """Ready replicas still inside the slow-start window, with their ``ready_since``."""
+        ramping = self._ramping
+        if ramping:
+            window = self.slow_start_s
+            for rid in [r for r, since in ramping.items() if now - since >= window]:
+                del ramping[rid]
+        return ramping
+
     # -- membership (discovery) ------------------------------------------------------------
 
     def add_listener(self, listener: MembershipListener) -> None:
@@ -172,6 +210,8 @@ class ReplicaPool:
         )
         self._entries[replica] = _Entry(url=url, state=state)
         self._inflight[replica] = 0
+        if state.ready_since is not None and self.slow_start_s > 0.0:
+            self._ramping[replica] = state.ready_since
         self._reindex()
         self._membership_changed()
         if phase == "ready":
@@ -204,6 +244,21 @@ class ReplicaPool:
             self.set_phase(replica, "ready", now)
         return entry.state.phase == "ready"
 
+    def eject(self, replica: ReplicaId, now: float) -> bool:
+        """``ready`` → ``ejected`` (passive health); whether it was ejected."""
+        entry = self._entries[replica]
+        if entry.state.phase != "ready" or entry.removing:
+            return False
+        self.set_phase(replica, "ejected", now)
+        return True
+
+    def readmit(self, replica: ReplicaId, now: float) -> bool:
+        """``ejected`` → ``ready`` if discovery still admits it; whether it is ready afterwards."""
+        entry = self._entries[replica]
+        if entry.state.phase == "ejected" and entry.admitted and not entry.removing:
+            self.set_phase(replica, "ready", now)
+        return entry.state.phase == "ready"
+
     def set_models(
         self,
         replica: ReplicaId,
@@ -216,6 +271,7 @@ class ReplicaPool:
         if new != entry.state.models:
             self._update(replica, replace(entry.state, models=new))
             self._served_models = None
+            self.capacity.notify()  # waiters for a model nobody serves may now be decided
 
     def set_members(self, source: str, members: Sequence[DiscoveredReplica]) -> None:
         """Discovery's sink: ``members`` is the complete membership ``source`` knows now.
@@ -253,7 +309,8 @@ class ReplicaPool:
                 entry.removing = False
                 self._update(rid, replace(entry.state, phase="starting", ready_since=None))
             elif entry.state.phase == "draining":
-                self._update(rid, replace(entry.state, phase="starting"))
+                self._update(rid, replace(entry.state, phase="starting", ready_since=None))
+        self.changes.notify()  # admission may have changed without a phase change
 
     # -- in-flight (router) ----------------------------------------------------------------
 
@@ -297,17 +354,31 @@ class ReplicaPool:
             return
         entry.scrape_error = reason
         entry.scrape_failed_at = at
+        if self.saturation is not None:
+            self.capacity.notify()  # its queue/KV bounds stop applying once the scrape is stale
 
     # -- internals -------------------------------------------------------------------------
 
     def _update(self, replica: ReplicaId, state: ReplicaState) -> None:
-        self._entries[replica].state = state
+        entry = self._entries[replica]
+        old = entry.state
+        entry.state = state
         self._states[self._index[replica]] = state
         self._snapshot = None
+        if old.phase != state.phase or old.models is not state.models:
+            self.epoch += 1
+            if old.phase != state.phase:
+                self.changes.notify()
+            if self.slow_start_s > 0.0:
+                if state.phase == "ready" and state.ready_since is not None:
+                    self._ramping[replica] = state.ready_since
+                else:
+                    self._ramping.pop(replica, None)
 
     def _drop(self, replica: ReplicaId) -> None:
         del self._entries[replica]
         del self._inflight[replica]
+        self._ramping.pop(replica, None)
         self._reindex()
         self._membership_changed()
 
@@ -319,6 +390,9 @@ class ReplicaPool:
         self._served_models = None
 
     def _membership_changed(self) -> None:
+        self.epoch += 1
         members = frozenset(self._entries)
         for listener in self._listeners:
             listener(members)
+        self.changes.notify()
+        self.capacity.notify()  # a model may have lost (or gained) its last replica

@@ -14,23 +14,32 @@ Invariants:
   still retryable. SSE is forwarded event by event as it arrives (a partial event is held back
   until its blank line), so a failure mid-stream is reported as one well-formed final
   ``data: {"error": ...}`` event, with no ``[DONE]``. A failed non-streaming response is a 502.
+* A request that no replica can take yet waits in the ``RequestBuffer`` (``gateway/buffer.py``)
+  before each attempt; a streaming one that waits long enough may be committed early (200 and
+  SSE keep-alives), after which every failure, the buffer's refusals included, ends the stream
+  with one ``data: {"error": ...}`` event instead of an HTTP status.
+* Each attempt tells passive health whether the replica failed it (connection failure,
+  disconnect, timeout, 5xx) or answered; a client that leaves first gives no verdict.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.auth import AUTH_KEY, UpstreamCredentials
+from gateway.buffer import KEEPALIVE, RequestBuffer, SseKeepAlive, upstream_error_body
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewayConfig, PrefixAffinityPolicy
 from gateway.errors import (
     GatewayError,
-    ModelNotFound,
     ModelRequired,
     NoReplicaAvailable,
     RequestTooLarge,
@@ -38,7 +47,7 @@ from gateway.errors import (
     UpstreamDisconnected,
     sse_error_event,
 )
-from gateway.exporter import GatewayMetrics
+from gateway.exporter import GatewayMetrics, ModelLabels
 from gateway.log import AccessRecord
 from gateway.pool import ReplicaPool
 from gateway.request_info import (
@@ -68,6 +77,12 @@ _MAX_SSE_HOLDBACK = 1024 * 1024  # an upstream that never ends an event is forwa
 _RETRY_STATUSES = (502, 503)
 
 
+class RequestTimeout(GatewayError):
+    """The request body did not arrive within ``listen.body_timeout_s`` (slow client)."""
+
+    status, code = 408, "request_timeout"
+
+
 @dataclass(slots=True)
 class _Kept:
     status: int
@@ -86,15 +101,26 @@ class Proxy:
         session: Callable[[], aiohttp.ClientSession],
         metrics: GatewayMetrics,
         clock: Callable[[], float],
+        buffer: RequestBuffer,
     ) -> None:
         self._cfg = cfg.upstream
+        self._buffer = buffer
         self._default_model = cfg.models.default_model
         self._pool = pool
         self._router = router
         self._catalog = catalog
         self._session = session
         self._metrics = metrics
+        self.labels = ModelLabels(pool, cfg.models.names)
         self._clock = clock
+        self._body_timeout_s = cfg.listen.body_timeout_s
+        self._auth = cfg.auth is not None  # priority then comes from the key, not the header
+        u = cfg.upstream
+        self._credentials = UpstreamCredentials(
+            forward_client_auth=u.forward_client_auth,
+            api_key_file=None if u.api_key_file is None else Path(u.api_key_file),
+            clock=clock,
+        )
         p = cfg.policy
         self._prefix: tuple[int, int] | None = None
         if router.needs_prefix and isinstance(p, PrefixAffinityPolicy):
@@ -110,11 +136,9 @@ class Proxy:
         return web.Response(body=self._catalog.models_body(), content_type="application/json")
 
     def model_label(self, model: str | None) -> str:
-        """The ``model`` metric label: the model if some replica serves it, "unknown" for any
-        other name (clients must not mint label values), "" for requests without a model."""
-        if model is None:
-            return ""
-        return model if model in self._pool.served_models() else "unknown"
+        """The ``model`` metric label: the model if it is served, was served or is configured,
+        "unknown" for any other name (clients must not mint label values), "" for none."""
+        return self.labels.label(model)
 
     def _endpoint(
         self, endpoint: Endpoint, path: str
@@ -141,7 +165,6 @@ class Proxy:
             model = self._pick_default_model()
             body = with_model(body, model)
         rec.model = model
-        self._check_model(model)
         info = build_request_info(
             obj,
             seq=self._router.next_seq(),
@@ -151,10 +174,28 @@ class Proxy:
             prefix=self._prefix,
         )
         del obj
+        if self._auth:
+            priority = request[AUTH_KEY].priority or 0
+        else:
+            priority = self._buffer.priority(request.headers)
+        if priority:
+            info = replace(info, priority=priority)
+        if stream and (keepalive := self._buffer.keepalive(request, rec.request_id, rec.started)):
+            request[KEEPALIVE] = keepalive
         headers = request_headers(
             request.headers, client_ip=request.remote, request_id=rec.request_id
         )
-        return await self._forward(request, rec, info, path, headers, body)
+        self._credentials.apply(headers)
+        try:
+            return await self._forward(request, rec, info, path, headers, body)
+        except GatewayError as exc:
+            committed = _committed(request)
+            if committed is None:
+                raise
+            rec.error = exc.code
+            if exc.retry_after_s is not None:  # as the middleware counts uncommitted refusals
+                self._metrics.rejections.labels(self.model_label(model), exc.code).inc()
+            return await committed.fail(exc.body())
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self._cfg.max_body_bytes
@@ -163,11 +204,17 @@ class Proxy:
             raise too_large
         parts: list[bytes] = []
         size = 0
-        while chunk := await request.content.readany():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            parts.append(chunk)
+        try:
+            async with asyncio.timeout(self._body_timeout_s):
+                while chunk := await request.content.readany():
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    parts.append(chunk)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {self._body_timeout_s:g} s"
+            ) from None
         return b"".join(parts)
 
     def _pick_default_model(self) -> str:
@@ -182,13 +229,6 @@ class Proxy:
             f"'model' is required: the replicas serve {len(served)} models (see /v1/models)"
         )
 
-    def _check_model(self, model: str) -> None:
-        if model in self._pool.served_models():
-            return
-        if len(self._pool) == 0 or self._pool.has_unlisted():
-            raise NoReplicaAvailable(f"no replica is ready to serve model {model!r} yet")
-        raise ModelNotFound(f"The model `{model}` does not exist.")
-
     async def _forward(
         self,
         request: web.Request,
@@ -201,22 +241,34 @@ class Proxy:
         last_error: GatewayError | None = None
         kept: _Kept | None = None
         retry_reason: str | None = None  # why the previous attempt failed
+        label = self.model_label(info.model)
+        waiting_since: float | None = self._clock()  # until the first dispatch
         for attempt in range(1, self._cfg.max_attempts + 1):
             sent = info
-            decision = self._router.pick(sent)
-            if decision is None:  # nothing routable: the cold-start buffer (issue 5) waits here
+            decision = await self._buffer.acquire(
+                sent, since=rec.started, retry=attempt > 1, keepalive=request.get(KEEPALIVE)
+            )
+            if decision is None:  # a retry that no replica left untried can take
                 break
             if retry_reason is not None:  # counted only when another replica is really tried
                 self._metrics.retries.labels(retry_reason).inc()
+            if waiting_since is not None:
+                self._metrics.queued(label, self._clock() - waiting_since)
+                waiting_since = None
+            self._metrics.dispatched(label)
             rid = decision.replica
             rec.replica, rec.attempts = rid, attempt
             ok = False
+            healthy: bool | None = None  # passive health's verdict on the replica
             try:
                 up = await self._open(rid, request, path, headers, body)
+                healthy = up.status < 500
                 try:
-                    self._metrics.upstream_requests.labels(rid, str(up.status)).inc()
+                    if up.status >= 500:
+                        self._metrics.upstream_errors.labels("http_5xx").inc()
                     if up.status not in _RETRY_STATUSES or attempt == self._cfg.max_attempts:
                         response, ok = await self._respond(request, rec, rid, up)
+                        healthy = ok  # False also for a stream the replica broke off
                         return response
                     kept, last_error = await self._keep(up), None
                     retry_reason = f"upstream_{up.status}"
@@ -224,15 +276,21 @@ class Proxy:
                 finally:
                     up.close()
             except GatewayError as exc:
+                healthy = False
                 # Retryable only while nothing reached the client (no first byte yet).
                 if not exc.retryable or rec.ttfb_s is not None:
                     raise
                 last_error, kept, retry_reason = exc, None, exc.code
                 logger.info("replica %s failed before the first byte: %s", rid, exc.message)
             finally:
-                self._router.release(rid, sent, ok=ok)
+                self._router.release(rid, sent, ok=ok, healthy=healthy)
+                self._metrics.finished(label)
             info = replace(info, exclude=info.exclude | {rid})
         if kept is not None:
+            committed = _committed(request)
+            if committed is not None:
+                rec.error = "upstream_status"
+                return await committed.fail(upstream_error_body(kept.status, kept.body))
             return web.Response(status=kept.status, headers=kept.headers, body=kept.body)
         if last_error is not None:
             raise last_error
@@ -255,7 +313,7 @@ class Proxy:
                 first_byte_timeout_s=self._cfg.first_byte_timeout_s,
             )
         except GatewayError as exc:
-            self._metrics.upstream_errors.labels(rid, error_reason(exc)).inc()
+            self._metrics.upstream_errors.labels(error_reason(exc)).inc()
             raise
 
     async def _keep(self, up: UpstreamResponse) -> _Kept:
@@ -270,11 +328,20 @@ class Proxy:
     ) -> tuple[web.StreamResponse, bool]:
         if up.content_type == "text/event-stream":
             return await self._stream(request, rec, rid, up)
+        committed = _committed(request)
+        if committed is not None:  # an error answer; the client already has a 200 stream
+            rec.error = "upstream_status"
+            body = await self._keep(up)
+            return await committed.fail(upstream_error_body(up.status, body.body)), up.status < 500
         return await self._buffered(request, rec, rid, up)
 
     async def _start(
         self, request: web.Request, rec: AccessRecord, up: UpstreamResponse
     ) -> web.StreamResponse:
+        committed = _committed(request)
+        if committed is not None and committed.response is not None:
+            self._first_byte(rec)  # 200 and SSE headers went out while the request waited
+            return committed.response
         resp = web.StreamResponse(status=up.status, headers=response_headers(up.headers))
         resp.headers["x-request-id"] = rec.request_id
         await resp.prepare(request)
@@ -283,36 +350,55 @@ class Proxy:
 
     def _first_byte(self, rec: AccessRecord) -> None:
         rec.ttfb_s = self._clock() - rec.started
-        self._metrics.time_to_first_byte.labels(self.model_label(rec.model)).observe(rec.ttfb_s)
 
     async def _stream(
         self, request: web.Request, rec: AccessRecord, rid: ReplicaId, up: UpstreamResponse
     ) -> tuple[web.StreamResponse, bool]:
         resp = await self._start(request, rec, up)
+        ttft = rec.ttfb_s or 0.0  # headers go out with the first event (see _start)
+        label = self.model_label(rec.model)
+        self._metrics.first_token(label, ttft)
         pending = b""
         chunk = up.first
         ok = up.status < 500
-        while chunk:
-            pending += chunk
-            cut = _event_boundary(pending)
-            if cut or len(pending) > _MAX_SSE_HOLDBACK:
-                cut = cut or len(pending)
-                await resp.write(pending[:cut])  # waits while the client is slow: backpressure
-                pending = pending[cut:]
-            try:
-                chunk = await up.next_chunk()
-            except UpstreamDisconnected as exc:
-                self._metrics.upstream_errors.labels(rid, "disconnect").inc()
-                self._metrics.request_errors.labels(exc.code).inc()
-                rec.error = exc.code
-                logger.warning("stream from %s failed after its first byte: %s", rid, exc.message)
-                await resp.write(sse_error_event(exc))
-                ok = False
-                break
-        else:
-            if pending:
-                await resp.write(pending)
-        await resp.write_eof()
+        # Per chunk: a newline count and the last two segments, nothing more (issue 9); tokens
+        # and inter-token latency are accounted once, however the stream ends.
+        newlines, before, last = 0, b"", b""
+        try:
+            while chunk:
+                pending += chunk
+                cut = _event_boundary(pending)
+                if cut or len(pending) > _MAX_SSE_HOLDBACK:
+                    cut = cut or len(pending)
+                    before, last = last, pending[:cut]
+                    await resp.write(last)  # waits while the client is slow: backpressure
+                    newlines += last.count(b"\n")
+                    pending = pending[cut:]
+                try:
+                    chunk = await up.next_chunk()
+                except UpstreamDisconnected as exc:
+                    self._metrics.upstream_errors.labels("disconnect").inc()
+                    rec.error = exc.code
+                    logger.warning(
+                        "stream from %s failed after its first byte: %s", rid, exc.message
+                    )
+                    await resp.write(sse_error_event(exc))
+                    ok = False
+                    break
+            else:
+                if pending:
+                    before, last = last, pending
+                    await resp.write(pending)
+                    newlines += pending.count(b"\n")
+            await resp.write_eof()
+        finally:
+            self._metrics.stream_finished(
+                label,
+                span_s=self._clock() - rec.started - ttft,
+                newlines=newlines,
+                tail=before + last,
+                chat=rec.path == "/v1/chat/completions",
+            )
         return resp, ok
 
     async def _buffered(
@@ -324,16 +410,19 @@ class Proxy:
             while size <= self._cfg.max_buffered_response_bytes:
                 chunk = await up.next_chunk()
                 if not chunk:
+                    body = b"".join(parts)
                     resp = web.Response(
-                        status=up.status, headers=response_headers(up.headers), body=b"".join(parts)
+                        status=up.status, headers=response_headers(up.headers), body=body
                     )
                     resp.headers["x-request-id"] = rec.request_id
                     self._first_byte(rec)
+                    if up.status == 200:
+                        self._metrics.response_finished(self.model_label(rec.model), body)
                     return resp, up.status < 500
                 parts.append(chunk)
                 size += len(chunk)
         except UpstreamDisconnected:
-            self._metrics.upstream_errors.labels(rid, "disconnect").inc()
+            self._metrics.upstream_errors.labels("disconnect").inc()
             raise
         return await self._pass_through(request, rec, rid, up, parts)
 
@@ -355,19 +444,28 @@ class Proxy:
         self._first_byte(rec)
         for part in parts:
             await resp.write(part)
+        before, last = b"", parts[-1]  # the usage object is at the end of the body
         try:
             while chunk := await up.next_chunk():
                 await resp.write(chunk)
+                before, last = last, chunk
         except UpstreamDisconnected as exc:
-            self._metrics.upstream_errors.labels(rid, "disconnect").inc()
-            self._metrics.request_errors.labels(exc.code).inc()
+            self._metrics.upstream_errors.labels("disconnect").inc()
             rec.error = exc.code
             logger.warning("response from %s failed after its first byte: %s", rid, exc.message)
             if request.transport is not None:
                 request.transport.close()  # the client sees a broken response, never a short 200
             return resp, False
         await resp.write_eof()
+        if up.status == 200:
+            self._metrics.response_finished(self.model_label(rec.model), before + last)
         return resp, up.status < 500
+
+
+def _committed(request: web.Request) -> SseKeepAlive | None:
+    """The request's early-committed SSE answer, if it waited long enough to get one."""
+    keepalive = request.get(KEEPALIVE)
+    return keepalive if keepalive is not None and keepalive.response is not None else None
 
 
 def _is_json(content_type: str) -> bool:

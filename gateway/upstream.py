@@ -186,11 +186,19 @@ def join_url(base: str, path: str, query: str = "") -> str:
     return f"{url}?{query}" if query else url
 
 
+MAX_CONTROL_BODY_BYTES = 4 * 1024 * 1024  # a model list is a few KB
+
+
 async def fetch_json(session: aiohttp.ClientSession, url: str, *, timeout_s: float) -> object:
     """GET ``url`` and decode its JSON body (control-plane calls: model lists)."""
     try:
         async with asyncio.timeout(timeout_s), session.get(url) as resp:
-            body = await resp.read()
+            # Bounded: a broken or hostile replica must not make the gateway buffer gigabytes.
+            body = b""
+            while chunk := await resp.content.read(MAX_CONTROL_BODY_BYTES + 1 - len(body)):
+                body += chunk
+                if len(body) > MAX_CONTROL_BODY_BYTES:
+                    raise UpstreamResponseInvalid(f"GET {url}: over {MAX_CONTROL_BODY_BYTES} bytes")
             if resp.status != 200:
                 raise UpstreamResponseInvalid(f"GET {url} answered {resp.status}")
     except GatewayError:

@@ -48,11 +48,10 @@ async def test_probes_metrics_and_debug(
     for name in (
         "kvgate_requests",
         "kvgate_request_duration_seconds",
-        "kvgate_time_to_first_byte_seconds",
         "kvgate_routing_decisions",
         "kvgate_routing_decision_duration_seconds",
-        "kvgate_inflight_requests",
-        "kvgate_replicas",
+        "kvgate_replica_in_flight_requests",
+        "kvgate_model_replicas",
         "kvgate_replica_queue_depth",
         "kvgate_replica_kv_cache_usage_ratio",
         "kvgate_replica_metrics_age_seconds",
@@ -76,9 +75,9 @@ def test_replica_gauges_are_absent_when_unknown_and_leave_with_the_replica() -> 
     assert get("kvgate_replica_kv_cache_usage_ratio", {"replica": "a:1"}) is None
     assert get("kvgate_replica_queue_depth", {"replica": "b:1"}) is None  # never scraped
     assert get("kvgate_replica_metrics_age_seconds", {"replica": "a:1"}) == 0.5
-    assert get("kvgate_replicas", {"state": "ready"}) == 1
-    assert get("kvgate_replicas", {"state": "starting"}) == 1
+    assert get("kvgate_model_replicas", {"model": "m", "state": "ready"}) == 1
+    assert get("kvgate_model_replicas", {"model": "m", "state": "starting"}) == 1
     assert get("kvgate_replica_state", {"replica": "b:1", "state": "starting"}) == 1
     pool.remove(a)
-    assert get("kvgate_inflight_requests", {"replica": "a:1"}) is None
-    assert get("kvgate_replicas", {"state": "ready"}) == 0
+    assert get("kvgate_replica_in_flight_requests", {"replica": "a:1"}) is None
+    assert get("kvgate_model_replicas", {"model": "m", "state": "ready"}) == 0

@@ -45,8 +45,7 @@ async def test_refused_connections_are_retried_and_the_client_never_notices(
             if stream:
                 assert [c async for c in resp]
     assert alive.requests_finished == 6
-    rid = server.gateway.pool.ids()[0 if dead.url < alive.url else 1]
-    assert sample(server, "kvgate_upstream_errors_total", replica=rid, reason="connect") >= 1
+    assert sample(server, "kvgate_upstream_errors_total", reason="connect") >= 1
     # Round-robin sends every other request to the dead replica: each is retried once.
     assert sample(server, "kvgate_retries_total", reason="upstream_connect") == 3
     assert server.gateway.pool.total_inflight() == 0
