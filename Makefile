@@ -79,3 +79,5 @@ include mk/load.mk
 include mk/proxy.mk
 # Saturation benchmark and the issue-length scale-from-zero test.
 include mk/lifecycle.mk
+# Soak and 10k-stream benchmarks (bench-soak, bench-streams).
+include mk/reliability.mk

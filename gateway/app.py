@@ -403,7 +403,8 @@ class GatewayServer:
 
     async def start(self) -> None:
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.cfg.listen.host, self.cfg.listen.port).start()
+        listen = self.cfg.listen
+        await web.TCPSite(self._runner, listen.host, listen.port, backlog=listen.backlog).start()
         await self._admin_runner.setup()
         admin = self.cfg.admin
         await web.TCPSite(self._admin_runner, admin.host, admin.port).start()

@@ -125,15 +125,6 @@ class KeyStore:
             raise ConfigError(f"auth: {self._source()} holds no keys")
         self._next_check = clock() + reload_interval_s
 
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def names(self) -> list[str]:
-        return sorted(k.name for k in self._keys.values())
-
-    def inflight(self, name: str) -> int:
-        return self._inflight.get(name, 0)
-
     # -- authentication --------------------------------------------------------------------
 
     def authenticate(self, authorization: str | None) -> ApiKey:
