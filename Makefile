@@ -57,7 +57,10 @@ fmt: $(STAMP)
 	$(VENV)/bin/ruff format gateway policies benchmarks tests
 	$(VENV)/bin/ruff check --fix gateway policies benchmarks tests
 
-bench: bench-sim bench-routing-core
+# Every benchmark, each printing a table and writing JSON under benchmarks/results/ (or its
+# experiment directory). The long ones: bench-routing ~25 min, bench-proxy ~13 min,
+# bench-soak 15 min; each has a -quick variant or a short CI test.
+bench: bench-sim bench-routing-core bench-routing bench-saturation bench-autoscale bench-proxy bench-soak bench-streams
 
 bench-sim: $(STAMP)
 	$(PY) -m benchmarks.sim.calibrate
@@ -81,3 +84,7 @@ include mk/proxy.mk
 include mk/lifecycle.mk
 # Soak and 10k-stream benchmarks (bench-soak, bench-streams).
 include mk/reliability.mk
+# Routing-quality experiment (bench-routing, -quick, -live).
+include mk/routing.mk
+# Autoscaling experiment (bench-autoscale, -quick, -live).
+include mk/autoscale-experiment.mk

@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.experiments.autoscale.run import main
+
+sys.exit(main())
