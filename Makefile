@@ -42,8 +42,12 @@ system-deps:
 demo: $(STAMP)
 	$(PY) -m benchmarks.demo
 
+# Two workers: the suite is mostly waiting on real servers (tests that need a quiet machine are
+# few and robust to a neighbour).
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP) system-deps lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 test-all: $(STAMP) system-deps
 	$(PY) -m pytest -q -m ''
