@@ -22,6 +22,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import re
@@ -32,11 +33,11 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import aiohttp
 import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from gateway.access_log import AccessLog
 from gateway.admin import build_admin_app
 from gateway.auth import KeyStore, auth_middleware
 from gateway.buffer import RequestBuffer, saturation_bounds
@@ -56,12 +57,12 @@ from gateway.discovery.static import FileWatch, replicas_from_urls
 from gateway.errors import ConfigError, GatewayError, from_http_exception, render
 from gateway.exporter import GatewayMetrics, ReplicaStateCollector
 from gateway.health import HealthTracker
-from gateway.log import AccessRecord, log_access, request_id_var
+from gateway.log import AccessRecord, request_id_var
 from gateway.pool import ReplicaPool
 from gateway.proxy import ACCESS, Proxy
+from gateway.replica_client import ReplicaClient
 from gateway.router import Router
 from gateway.scraper import MetricsScraper
-from gateway.upstream import new_session
 from policies.base import Policy
 from policies.registry import make_policy
 from policies.types import ReplicaId
@@ -77,6 +78,18 @@ def package_version() -> str:
         return version("kvgate")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+class RequestIds:
+    """Generated request ids: 32 hex characters, a random per-process prefix and a counter
+    (unique across gateway replicas and restarts, without ``uuid4`` per request)."""
+
+    def __init__(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16]
+        self._count = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._count):016x}"
 
 
 @dataclass(eq=False)
@@ -99,16 +112,18 @@ class Gateway:
     draining: bool = False
     failed: asyncio.Event = field(default_factory=asyncio.Event)
     discovery: Discovery | None = None  # membership source that runs as a task (not static)
-    proxy_session: aiohttp.ClientSession | None = None  # exists while the app runs
+    replica_client: ReplicaClient | None = None  # exists while the app runs
+    access_log: AccessLog = field(default_factory=AccessLog)
+    request_ids: RequestIds = field(default_factory=lambda: RequestIds())
 
     @property
     def ready(self) -> bool:
         """/readyz: accepting traffic (also while requests wait for replicas), not draining."""
         return self.started and not self.draining
 
-    def session(self) -> aiohttp.ClientSession:
-        assert self.proxy_session is not None, "the proxy session exists while the app runs"
-        return self.proxy_session
+    def client(self) -> ReplicaClient:
+        assert self.replica_client is not None, "the replica client exists while the app runs"
+        return self.replica_client
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -156,15 +171,15 @@ def build_app(
     )
     gw: Gateway
 
-    def session() -> aiohttp.ClientSession:
-        return gw.session()
+    def client() -> ReplicaClient:
+        return gw.client()
 
     proxy = Proxy(
         cfg,
         pool=pool,
         router=router,
         catalog=catalog,
-        session=session,
+        client=client,
         metrics=metrics,
         clock=clock,
         buffer=buffer,
@@ -263,7 +278,7 @@ def _discovery(replicas: ReplicasConfig) -> Discovery | None:
 
 def _lifecycle(gw: Gateway) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
-        gw.proxy_session = new_session(connect_timeout_s=gw.cfg.upstream.connect_timeout_s)
+        gw.replica_client = ReplicaClient(connect_timeout_s=gw.cfg.upstream.connect_timeout_s)
         tasks = [
             _supervised(gw, "catalog", gw.catalog.run()),
             _supervised(gw, "scraper", gw.scraper.run()),
@@ -280,7 +295,8 @@ def _lifecycle(gw: Gateway) -> Callable[[web.Application], AsyncIterator[None]]:
             await asyncio.gather(*tasks, return_exceptions=True)
             await gw.scraper.close()
             await gw.catalog.close()
-            await gw.session().close()
+            await gw.client().close()
+            gw.access_log.close()
 
     return lifecycle
 
@@ -308,7 +324,7 @@ def request_middleware(gw: Gateway) -> Callable[..., Awaitable[web.StreamRespons
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         given = request.headers.get("x-request-id", "")
-        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        rid = given if given and _REQUEST_ID.fullmatch(given) else gw.request_ids.next()
         token = request_id_var.set(rid)
         rec = AccessRecord(
             request_id=rid, method=request.method, path=request.path, started=gw.clock()
@@ -371,7 +387,7 @@ def _finish(gw: Gateway, rec: AccessRecord) -> None:
     label = gw.proxy.model_label(rec.model)
     gw.metrics.request_finished(label, rec.status, rec.duration_s)
     if gw.cfg.logging.access_log:
-        log_access(rec)
+        gw.access_log.record(rec)
 
 
 class GatewayServer:

@@ -10,6 +10,10 @@ Invariants:
 * Retries happen only before any byte reached the client, only for retryable errors (connect
   failure, disconnect before the first byte) and 502/503 answers, each on a replica not tried
   yet (``RequestInfo.exclude``), at most ``upstream.max_attempts`` attempts in all.
+* Replicas are reached through ``gateway/replica_client.py`` (keep-alive connections on asyncio
+  protocols); a streamed body is relayed at the transport level by ``gateway/relay.py``: from
+  the replica connection's callbacks straight to the client's transport, with no task switch
+  per chunk, and reading from the replica paused while the client's buffer is full.
 * Response headers reach the client only with the first body byte, so a failure before it is
   still retryable. SSE is forwarded event by event as it arrives (a partial event is held back
   until its blank line), so a failure mid-stream is reported as one well-formed final
@@ -30,12 +34,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
 from gateway.auth import AUTH_KEY, UpstreamCredentials
-from gateway.buffer import KEEPALIVE, RequestBuffer, SseKeepAlive, upstream_error_body
+from gateway.buffer import RequestBuffer, SseKeepAlive, upstream_error_body
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewayConfig, PrefixAffinityPolicy
 from gateway.errors import (
@@ -50,6 +54,9 @@ from gateway.errors import (
 from gateway.exporter import GatewayMetrics, ModelLabels
 from gateway.log import AccessRecord
 from gateway.pool import ReplicaPool
+from gateway.relay import SseRelay
+from gateway.relay import event_boundary as _event_boundary  # noqa: F401  (tests)
+from gateway.replica_client import ReplicaClient, ReplicaResponse
 from gateway.request_info import (
     Endpoint,
     build_request_info,
@@ -59,21 +66,13 @@ from gateway.request_info import (
     with_model,
 )
 from gateway.router import Router
-from gateway.upstream import (
-    UpstreamResponse,
-    error_reason,
-    join_url,
-    open_response,
-    request_headers,
-    response_headers,
-)
+from gateway.upstream import error_reason, request_headers, response_headers
 from policies.types import ReplicaId, RequestInfo
 
 logger = logging.getLogger(__name__)
 
 ACCESS = web.RequestKey("access", AccessRecord)  # filled by the request middleware
 _KEPT_ERROR_BYTES = 64 * 1024  # a 502/503 body kept in case no other replica can be tried
-_MAX_SSE_HOLDBACK = 1024 * 1024  # an upstream that never ends an event is forwarded anyway
 _RETRY_STATUSES = (502, 503)
 
 
@@ -98,7 +97,7 @@ class Proxy:
         pool: ReplicaPool,
         router: Router,
         catalog: ModelCatalog,
-        session: Callable[[], aiohttp.ClientSession],
+        client: Callable[[], ReplicaClient],
         metrics: GatewayMetrics,
         clock: Callable[[], float],
         buffer: RequestBuffer,
@@ -109,7 +108,7 @@ class Proxy:
         self._pool = pool
         self._router = router
         self._catalog = catalog
-        self._session = session
+        self._client = client
         self._metrics = metrics
         self.labels = ModelLabels(pool, cfg.models.names)
         self._clock = clock
@@ -180,16 +179,16 @@ class Proxy:
             priority = self._buffer.priority(request.headers)
         if priority:
             info = replace(info, priority=priority)
-        if stream and (keepalive := self._buffer.keepalive(request, rec.request_id, rec.started)):
-            request[KEEPALIVE] = keepalive
+        # Passed along explicitly: a missed request-key lookup costs a raised KeyError.
+        keepalive = self._buffer.keepalive(request, rec.request_id, rec.started) if stream else None
         headers = request_headers(
             request.headers, client_ip=request.remote, request_id=rec.request_id
         )
         self._credentials.apply(headers)
         try:
-            return await self._forward(request, rec, info, path, headers, body)
+            return await self._forward(request, rec, info, path, headers, body, keepalive)
         except GatewayError as exc:
-            committed = _committed(request)
+            committed = _committed(keepalive)
             if committed is None:
                 raise
             rec.error = exc.code
@@ -199,9 +198,14 @@ class Proxy:
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self._cfg.max_body_bytes
-        too_large = RequestTooLarge(f"request body exceeds {limit} bytes")
         if request.content_length is not None and request.content_length > limit:
-            raise too_large
+            raise RequestTooLarge(f"request body exceeds {limit} bytes")
+        content = request.content
+        if content.is_eof():  # the whole body came with the head: no wait, no timer
+            body = content.read_nowait()
+            if len(body) > limit:
+                raise RequestTooLarge(f"request body exceeds {limit} bytes")
+            return body
         parts: list[bytes] = []
         size = 0
         try:
@@ -209,7 +213,7 @@ class Proxy:
                 while chunk := await request.content.readany():
                     size += len(chunk)
                     if size > limit:
-                        raise too_large
+                        raise RequestTooLarge(f"request body exceeds {limit} bytes")
                     parts.append(chunk)
         except TimeoutError:
             raise RequestTimeout(
@@ -237,6 +241,7 @@ class Proxy:
         path: str,
         headers: CIMultiDict[str],
         body: bytes,
+        keepalive: SseKeepAlive | None,
     ) -> web.StreamResponse:
         last_error: GatewayError | None = None
         kept: _Kept | None = None
@@ -246,7 +251,7 @@ class Proxy:
         for attempt in range(1, self._cfg.max_attempts + 1):
             sent = info
             decision = await self._buffer.acquire(
-                sent, since=rec.started, retry=attempt > 1, keepalive=request.get(KEEPALIVE)
+                sent, since=rec.started, retry=attempt > 1, keepalive=keepalive
             )
             if decision is None:  # a retry that no replica left untried can take
                 break
@@ -267,7 +272,7 @@ class Proxy:
                     if up.status >= 500:
                         self._metrics.upstream_errors.labels("http_5xx").inc()
                     if up.status not in _RETRY_STATUSES or attempt == self._cfg.max_attempts:
-                        response, ok = await self._respond(request, rec, rid, up)
+                        response, ok = await self._respond(request, rec, rid, up, keepalive)
                         healthy = ok  # False also for a stream the replica broke off
                         return response
                     kept, last_error = await self._keep(up), None
@@ -287,7 +292,7 @@ class Proxy:
                 self._metrics.finished(label)
             info = replace(info, exclude=info.exclude | {rid})
         if kept is not None:
-            committed = _committed(request)
+            committed = _committed(keepalive)
             if committed is not None:
                 rec.error = "upstream_status"
                 return await committed.fail(upstream_error_body(kept.status, kept.body))
@@ -303,20 +308,21 @@ class Proxy:
         path: str,
         headers: CIMultiDict[str],
         body: bytes,
-    ) -> UpstreamResponse:
+    ) -> ReplicaResponse:
+        query = request.rel_url.raw_query_string
         try:
-            return await open_response(
-                self._session(),
-                join_url(self._pool.url(rid), path, request.query_string),
-                headers=headers,
-                body=body,
+            return await self._client().open(
+                self._pool.url(rid),
+                f"{path}?{query}" if query else path,
+                headers.items(),
+                body,
                 first_byte_timeout_s=self._cfg.first_byte_timeout_s,
             )
         except GatewayError as exc:
             self._metrics.upstream_errors.labels(error_reason(exc)).inc()
             raise
 
-    async def _keep(self, up: UpstreamResponse) -> _Kept:
+    async def _keep(self, up: ReplicaResponse) -> _Kept:
         try:
             body = await up.read_rest(_KEPT_ERROR_BYTES)
         except UpstreamDisconnected:
@@ -324,85 +330,79 @@ class Proxy:
         return _Kept(up.status, response_headers(up.headers), body)
 
     async def _respond(
-        self, request: web.Request, rec: AccessRecord, rid: ReplicaId, up: UpstreamResponse
+        self,
+        request: web.Request,
+        rec: AccessRecord,
+        rid: ReplicaId,
+        up: ReplicaResponse,
+        keepalive: SseKeepAlive | None,
     ) -> tuple[web.StreamResponse, bool]:
+        committed = _committed(keepalive)
         if up.content_type == "text/event-stream":
-            return await self._stream(request, rec, rid, up)
-        committed = _committed(request)
+            return await self._stream(request, rec, rid, up, committed)
+
         if committed is not None:  # an error answer; the client already has a 200 stream
             rec.error = "upstream_status"
             body = await self._keep(up)
             return await committed.fail(upstream_error_body(up.status, body.body)), up.status < 500
         return await self._buffered(request, rec, rid, up)
 
-    async def _start(
-        self, request: web.Request, rec: AccessRecord, up: UpstreamResponse
-    ) -> web.StreamResponse:
-        committed = _committed(request)
-        if committed is not None and committed.response is not None:
-            self._first_byte(rec)  # 200 and SSE headers went out while the request waited
-            return committed.response
-        resp = web.StreamResponse(status=up.status, headers=response_headers(up.headers))
-        resp.headers["x-request-id"] = rec.request_id
-        await resp.prepare(request)
-        self._first_byte(rec)
-        return resp
-
     def _first_byte(self, rec: AccessRecord) -> None:
         rec.ttfb_s = self._clock() - rec.started
 
     async def _stream(
-        self, request: web.Request, rec: AccessRecord, rid: ReplicaId, up: UpstreamResponse
+        self,
+        request: web.Request,
+        rec: AccessRecord,
+        rid: ReplicaId,
+        up: ReplicaResponse,
+        committed: SseKeepAlive | None,
     ) -> tuple[web.StreamResponse, bool]:
-        resp = await self._start(request, rec, up)
-        ttft = rec.ttfb_s or 0.0  # headers go out with the first event (see _start)
+        if committed is not None and committed.response is not None:
+            resp = committed.response  # 200 and SSE headers went out while the request waited
+        else:
+            resp = _StreamedResponse(status=up.status, headers=response_headers(up.headers))
+            resp.headers["x-request-id"] = rec.request_id
+        writer = await resp.prepare(request)
+        transport = request.transport
+        if not isinstance(writer, StreamWriter) or transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        # From here on the replica's bytes go to the client's transport from inside the replica
+        # connection's callbacks (gateway/relay.py): no task switch or future per chunk. The
+        # writer's framing is the one to follow (chunked unless the client speaks HTTP/1.0).
+        relay = SseRelay(transport, chunked=writer.chunked, source=up)
+        first = relay.take_first(up.first)
+        self._first_byte(rec)
+        ttft = rec.ttfb_s or 0.0
         label = self.model_label(rec.model)
         self._metrics.first_token(label, ttft)
-        pending = b""
-        chunk = up.first
         ok = up.status < 500
-        # Per chunk: a newline count and the last two segments, nothing more (issue 9); tokens
-        # and inter-token latency are accounted once, however the stream ends.
-        newlines, before, last = 0, b"", b""
         try:
-            while chunk:
-                pending += chunk
-                cut = _event_boundary(pending)
-                if cut or len(pending) > _MAX_SSE_HOLDBACK:
-                    cut = cut or len(pending)
-                    before, last = last, pending[:cut]
-                    await resp.write(last)  # waits while the client is slow: backpressure
-                    newlines += last.count(b"\n")
-                    pending = pending[cut:]
-                try:
-                    chunk = await up.next_chunk()
-                except UpstreamDisconnected as exc:
-                    self._metrics.upstream_errors.labels("disconnect").inc()
-                    rec.error = exc.code
-                    logger.warning(
-                        "stream from %s failed after its first byte: %s", rid, exc.message
-                    )
-                    await resp.write(sse_error_event(exc))
-                    ok = False
-                    break
+            if first:
+                await resp.write(first)  # with the response head, in one write
             else:
-                if pending:
-                    before, last = last, pending
-                    await resp.write(pending)
-                    newlines += pending.count(b"\n")
+                writer.send_headers()
+            up.relay_to(relay)
+            error = await relay.run(writer.drain)
+            if error is not None:
+                self._metrics.upstream_errors.labels("disconnect").inc()
+                rec.error = error.code
+                logger.warning("stream from %s failed after its first byte: %s", rid, error.message)
+                await resp.write(sse_error_event(error))
+                ok = False
             await resp.write_eof()
         finally:
             self._metrics.stream_finished(
                 label,
                 span_s=self._clock() - rec.started - ttft,
-                newlines=newlines,
-                tail=before + last,
+                newlines=relay.newlines,
+                tail=relay.before + relay.last,
                 chat=rec.path == "/v1/chat/completions",
             )
         return resp, ok
 
     async def _buffered(
-        self, request: web.Request, rec: AccessRecord, rid: ReplicaId, up: UpstreamResponse
+        self, request: web.Request, rec: AccessRecord, rid: ReplicaId, up: ReplicaResponse
     ) -> tuple[web.StreamResponse, bool]:
         parts = [up.first]
         size = len(up.first)
@@ -431,7 +431,7 @@ class Proxy:
         request: web.Request,
         rec: AccessRecord,
         rid: ReplicaId,
-        up: UpstreamResponse,
+        up: ReplicaResponse,
         parts: list[bytes],
     ) -> tuple[web.StreamResponse, bool]:
         # Too large to hold: stream it, with the replica's length so a client detects truncation.
@@ -462,18 +462,17 @@ class Proxy:
         return resp, up.status < 500
 
 
-def _committed(request: web.Request) -> SseKeepAlive | None:
+class _StreamedResponse(web.StreamResponse):
+    """A streamed answer whose head goes out with its first events, in one write (aiohttp's
+    ``StreamResponse`` sends the head on ``prepare``, a separate syscall and packet)."""
+
+    _send_headers_immediately = False
+
+
+def _committed(keepalive: SseKeepAlive | None) -> SseKeepAlive | None:
     """The request's early-committed SSE answer, if it waited long enough to get one."""
-    keepalive = request.get(KEEPALIVE)
     return keepalive if keepalive is not None and keepalive.response is not None else None
 
 
 def _is_json(content_type: str) -> bool:
     return content_type == "application/json" or content_type.endswith("+json")
-
-
-def _event_boundary(buf: bytes) -> int:
-    """Length of the prefix of ``buf`` made of whole SSE events (0 when none is complete)."""
-    lf = buf.rfind(b"\n\n")
-    crlf = buf.rfind(b"\n\r\n")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)

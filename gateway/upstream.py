@@ -1,16 +1,19 @@
-"""The proxy's HTTP client to replicas, and the one place its exceptions are translated.
+"""Header rules for requests to replicas and back, the control-plane client, and the one place
+aiohttp client exceptions are translated.
+
+The data path's client is ``gateway/replica_client.py`` (keep-alive connections on asyncio
+protocols, its own errors raised as ``gateway.errors`` classes directly); this module keeps what
+both sides share: which headers are hop-by-hop and how forwarded headers are built
+(``request_headers``/``response_headers``), the ``reason`` label of an upstream error, and the
+aiohttp-based GET used for model lists (``fetch_json``).
 
 Invariants:
 
 * aiohttp/asyncio client exceptions are caught here and only here, and re-raised as
   ``gateway.errors`` classes with ``from exc`` (the httpx ``map_exceptions`` pattern).
-* No total timeout: a connect timeout (``sock_connect``) and a first-byte timeout covering
-  sending the request, the response head and the first body chunk. After the first byte a
-  generation may take as long as it takes.
-* Bytes pass through untouched: no decompression (``auto_decompress=False``), no automatic
-  Accept-Encoding, and hop-by-hop headers stripped in both directions.
-* A response that is not read to its end is closed (``UpstreamResponse.close``), which closes
-  the connection, so the replica sees the abort and stops generating.
+* Hop-by-hop headers (and those a ``Connection`` header lists) are stripped in both directions;
+  ``X-Forwarded-For`` gains the client's address; ``x-request-id`` is the gateway's.
+* A control-plane body is bounded (``MAX_CONTROL_BODY_BYTES``).
 """
 
 from __future__ import annotations
@@ -72,85 +75,6 @@ def request_headers(
 def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     drop = _dropped(headers, _RESPONSE_DROP)
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
-
-
-def new_session(*, connect_timeout_s: float) -> aiohttp.ClientSession:
-    """The proxy session: unlimited connections (concurrency is the router's business)."""
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=10)
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
-        auto_decompress=False,
-        skip_auto_headers=("Accept-Encoding", "User-Agent"),
-    )
-
-
-class UpstreamResponse:
-    """A replica's response whose head and first body chunk have arrived."""
-
-    def __init__(self, resp: aiohttp.ClientResponse, first: bytes) -> None:
-        self._resp = resp
-        self.status = resp.status
-        self.headers = resp.headers
-        self.content_type = resp.content_type
-        self.first = first
-        self.complete = first == b"" or resp.content.at_eof()
-
-    async def next_chunk(self) -> bytes:
-        """The next bytes as they arrive; b"" at the end. Raises ``UpstreamDisconnected``."""
-        if self.complete:
-            return b""
-        try:
-            chunk = await self._resp.content.readany()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise UpstreamDisconnected(
-                f"replica closed the response before its end: {type(exc).__name__}"
-            ) from exc
-        if not chunk:
-            self.complete = True
-        return chunk
-
-    async def read_rest(self, limit: int) -> bytes:
-        """The remaining body up to ``limit`` bytes (for small error bodies kept for the client)."""
-        parts = [self.first]
-        size = len(self.first)
-        while size < limit:
-            chunk = await self.next_chunk()
-            if not chunk:
-                break
-            parts.append(chunk)
-            size += len(chunk)
-        return b"".join(parts)
-
-    def close(self) -> None:
-        if self.complete:
-            self._resp.release()
-        else:
-            self._resp.close()  # drops the connection: the replica aborts the request
-
-
-async def open_response(
-    session: aiohttp.ClientSession,
-    url: str,
-    *,
-    headers: CIMultiDict[str],
-    body: bytes,
-    first_byte_timeout_s: float,
-) -> UpstreamResponse:
-    """POST ``body`` to ``url`` and wait for the first response byte."""
-    resp: aiohttp.ClientResponse | None = None
-    try:
-        async with asyncio.timeout(first_byte_timeout_s):
-            resp = await session.post(url, data=body, headers=headers)
-            first = await resp.content.readany()
-        return UpstreamResponse(resp, first)
-    except BaseException as exc:
-        if resp is not None:
-            resp.close()
-        error = translate(exc, first_byte_timeout_s)
-        if error is exc:
-            raise
-        raise error from exc
 
 
 def translate(exc: BaseException, first_byte_timeout_s: float) -> BaseException:
