@@ -116,17 +116,19 @@ async def test_sigkill_gives_clients_connection_errors_only_and_a_restart_serves
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
             url = gw.api + "/v1/chat/completions"
-            streams = [await http.post(url, json=_body(replicas[0].model, 200))
+            # Generations far longer than the test (1000 tokens x 20 ms): every request is still
+            # running when the gateway is killed, however slowly a loaded machine gets there.
+            streams = [await http.post(url, json=_body(replicas[0].model, 1000))
                        for _ in range(10)]  # fmt: skip
             await asyncio.gather(*(s.content.readuntil(b"\n\n") for s in streams))
             plain = [
                 asyncio.create_task(
-                    http.post(url, json=_body(replicas[0].model, 200, stream=False))
+                    http.post(url, json=_body(replicas[0].model, 1000, stream=False))
                 )
                 for _ in range(4)
             ]
-            for r in replicas:
-                await r.wait_for(lambda s: s.inflight_requests == 7)
+            for r in replicas:  # least_request over two replicas: 7 each, none finished
+                await r.wait_for(lambda s: s.inflight_requests == 7, timeout_s=15.0)
 
             gw.proc.kill()
             await gw.proc.wait()
