@@ -134,6 +134,28 @@ def _cpu_unready(r: ReplicaStatus, s: PodSample, flags: ReadinessFlags, now: flo
     return not r.ready and r.start_s + flags.initial_readiness_delay_s > r.ready_transition_s
 
 
+def _grouped_metrics(
+    samples: Mapping[str, PodSample],
+    replicas: tuple[ReplicaStatus, ...],
+    resource: str,
+    flags: ReadinessFlags,
+    now: float,
+) -> tuple[_Groups, dict[str, int]]:
+    """The opening both per-pod calculations share: the pods grouped, and the milli-values of
+    the samples of pods neither ignored nor unready (missing pods have none)."""
+    if not replicas:
+        raise MetricError("no pods returned by selector while calculating replica count")
+    g = group_pods(replicas, samples, resource, flags, now)
+    metrics = {
+        name: milli(s.value)
+        for name, s in samples.items()
+        if name not in g.ignored and name not in g.unready
+    }
+    if not metrics:
+        raise MetricError("did not receive metrics for targeted pods (pods might be unready)")
+    return g, metrics
+
+
 def _metric_usage_ratio(metrics: Mapping[str, int], target: int) -> tuple[float, int]:
     """``GetMetricUsageRatio``: the int64 mean of milli-values over the target."""
     usage = _trunc_div(sum(metrics.values()), len(metrics))
@@ -152,16 +174,7 @@ def plain_metric_replicas(
     now: float = 0.0,
 ) -> tuple[int, int]:
     """``calcPlainMetricReplicas`` (Pods metrics, and Resource metrics with an AverageValue)."""
-    if not replicas:
-        raise MetricError("no pods returned by selector while calculating replica count")
-    g = group_pods(replicas, samples, resource, flags, now)
-    metrics = {
-        name: milli(s.value)
-        for name, s in samples.items()
-        if name not in g.ignored and name not in g.unready
-    }
-    if not metrics:
-        raise MetricError("did not receive metrics for targeted pods (pods might be unready)")
+    g, metrics = _grouped_metrics(samples, replicas, resource, flags, now)
     target_m = milli(target)
     ratio, usage = _metric_usage_ratio(metrics, target_m)
     scale_up_with_unready = bool(g.unready) and ratio > 1.0
@@ -212,16 +225,7 @@ def resource_utilization_replicas(
     now: float = 0.0,
 ) -> tuple[int, int]:
     """``GetResourceReplicas``: a Utilization target, as a percentage of the pods' requests."""
-    if not replicas:
-        raise MetricError("no pods returned by selector while calculating replica count")
-    g = group_pods(replicas, samples, resource, flags, now)
-    metrics = {
-        name: milli(s.value)
-        for name, s in samples.items()
-        if name not in g.ignored and name not in g.unready
-    }
-    if not metrics:
-        raise MetricError("did not receive metrics for targeted pods (pods might be unready)")
+    g, metrics = _grouped_metrics(samples, replicas, resource, flags, now)
     requests: dict[str, int] = {}
     for r in replicas:
         if resource not in r.requests:

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 from benchmarks.des.gateway_model import Clock, Gauges, SimGateway
 from benchmarks.des.scenario import Arrival, GaugeMode, Scenario, arrivals
-from benchmarks.des.summary import RunSummary, kv_balance, nearest_rank, weighted_quantiles
+from benchmarks.des.summary import RunSummary, kv_balance
+from benchmarks.load.report import nearest_rank, weighted_quantiles
 from benchmarks.sim.engine import Engine, SimRequest
 from benchmarks.sim.profiles import Profile, get_profile
 from benchmarks.sim.virtual import RequestRecord, VirtualCluster

@@ -10,7 +10,7 @@ Definitions (the report states them too):
   front-end latency, engine queue and prefill included). E2E likewise to the last token.
 * ITL: per decode token, the time since the previous step of its replica ended
   (``VirtualCluster`` per-step pairs, weighted by tokens).
-* Quantiles: nearest rank, as ``benchmarks.sim.virtual.percentile``.
+* Quantiles: nearest rank, ``benchmarks.load.report.nearest_rank``.
 * ``max_waiting``: the largest ``num_requests_waiting`` any replica reached, checked at every
   step start. ``kv_spread``: the mean over gauge samples of (max - min) KV usage across
   replicas - how unevenly KV pressure is spread at a given instant.
@@ -24,33 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-
-def nearest_rank(ordered: Sequence[float], q: float) -> float:
-    """The q-th percentile (q in [0, 100]) of an already sorted, non-empty sequence."""
-    if not ordered:
-        return math.nan
-    k = max(0, min(len(ordered) - 1, round(q / 100.0 * len(ordered) + 0.5) - 1))
-    return ordered[k]
-
-
-def weighted_quantiles(pairs: Sequence[tuple[float, int]], qs: Sequence[float]) -> list[float]:
-    """Percentiles of values given as (value, count) pairs, one sort for all of ``qs``."""
-    total = sum(n for _, n in pairs)
-    if total == 0:
-        return [math.nan] * len(qs)
-    ordered = sorted(pairs)
-    out: list[float] = []
-    for q in qs:
-        rank = max(1, round(q / 100.0 * total + 0.5))
-        acc = 0
-        value = ordered[-1][0]
-        for v, n in ordered:
-            acc += n
-            if acc >= rank:
-                value = v
-                break
-        out.append(value)
-    return out
+from benchmarks.load.report import nearest_rank
 
 
 def cdf_points(ordered: Sequence[float], points: int) -> list[float]:

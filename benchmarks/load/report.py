@@ -8,7 +8,9 @@ Conventions: times in seconds; percentiles by linear interpolation between order
 (numpy's default), over successful requests only; inter-token latency (ITL) percentiles pool
 every gap between consecutive content chunks of every successful request (as vLLM's
 ``benchmark_serving`` does), while TPOT is per request, ``(e2e - ttft) / (output_tokens - 1)``.
-An empty sample gives ``None``, never 0.
+An empty sample gives ``None``, never 0. ``nearest_rank`` and ``weighted_quantiles`` are the
+other convention, nearest rank (rank ``round(q/100 * n + 0.5)``), which the simulators' and the
+routing experiments' figures use; ``format_rows`` aligns a benchmark's label/value table.
 """
 
 from __future__ import annotations
@@ -73,6 +75,35 @@ def percentile(sorted_values: Sequence[float], q: float) -> float | None:
     lo = math.floor(pos)
     hi = min(lo + 1, n - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def nearest_rank(ordered: Sequence[float], q: float) -> float:
+    """The q-th percentile (q in [0, 100]) of an already sorted sequence; NaN when empty."""
+    if not ordered:
+        return math.nan
+    k = max(0, min(len(ordered) - 1, round(q / 100.0 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+def weighted_quantiles(pairs: Sequence[tuple[float, int]], qs: Sequence[float]) -> list[float]:
+    """Nearest-rank percentiles of values given as (value, count) pairs, e.g. per-step ITL, one
+    sort for all of ``qs``; NaN each when the counts sum to 0."""
+    total = sum(n for _, n in pairs)
+    if total == 0:
+        return [math.nan] * len(qs)
+    ordered = sorted(pairs)
+    out: list[float] = []
+    for q in qs:
+        rank = max(1, round(q / 100.0 * total + 0.5))
+        acc = 0
+        value = ordered[-1][0]
+        for v, n in ordered:
+            acc += n
+            if acc >= rank:
+                value = v
+                break
+        out.append(value)
+    return out
 
 
 def distribution(values: Iterable[float], qs: Sequence[float] = (50, 90, 99)) -> dict[str, Any]:
@@ -160,3 +191,9 @@ def format_table(summary: Mapping[str, Any], title: str = "") -> str:
             f"in flight max {client['inflight_max']}, mean {client['inflight_mean']:.1f}"
         )
     return "\n".join(lines)
+
+
+def format_rows(rows: Sequence[tuple[str, object]]) -> str:
+    """``label  value`` lines, the labels padded to the longest."""
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

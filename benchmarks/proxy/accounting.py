@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CpuSnapshot = Mapping[str, tuple[float, float]]  # name -> (user, system) CPU seconds
 
 
 def process_tree(pid: int) -> list[int]:
@@ -76,6 +77,18 @@ class Watched:
         return {name: rss_bytes(pids) for name, pids in self.pids.items()}
 
 
+def cpu_usage(before: CpuSnapshot, after: CpuSnapshot, wall_s: float) -> dict[str, object]:
+    """The report of a window ``wall_s`` long between two (user, system) snapshots per name:
+    CPU seconds, the kernel's part of them (syscalls, loopback TCP), and cores used."""
+    cpu_s = {k: sum(after[k]) - sum(before[k]) for k in after}
+    return {
+        "window_s": wall_s,
+        "cpu_s": cpu_s,
+        "cpu_sys_s": {k: after[k][1] - before[k][1] for k in after},
+        "cpu_util": {k: v / wall_s for k, v in cpu_s.items()},
+    }
+
+
 class Window:
     """The measurement window: wall time and CPU deltas of the watched processes."""
 
@@ -83,8 +96,7 @@ class Window:
         self._watched = watched
         self.start = self.end = 0.0
         self._cpu0: dict[str, tuple[float, float]] = {}
-        self.cpu_s: dict[str, float] = {}
-        self.cpu_sys_s: dict[str, float] = {}  # the kernel's part (syscalls, loopback TCP)
+        self._cpu1: dict[str, tuple[float, float]] = {}
 
     def open(self) -> None:
         self._cpu0 = self._watched.cpu()
@@ -92,18 +104,10 @@ class Window:
 
     def close(self) -> None:
         self.end = time.perf_counter()
-        cpu1 = self._watched.cpu()
-        self.cpu_s = {k: sum(cpu1[k]) - sum(self._cpu0[k]) for k in cpu1}
-        self.cpu_sys_s = {k: cpu1[k][1] - self._cpu0[k][1] for k in cpu1}
+        self._cpu1 = self._watched.cpu()
 
     def contains(self, t: float) -> bool:
         return self.start <= t and (self.end == 0.0 or t < self.end)
 
     def report(self) -> dict[str, object]:
-        wall = self.end - self.start
-        return {
-            "window_s": wall,
-            "cpu_s": self.cpu_s,
-            "cpu_sys_s": self.cpu_sys_s,
-            "cpu_util": {k: v / wall for k, v in self.cpu_s.items()},
-        }
+        return cpu_usage(self._cpu0, self._cpu1, self.end - self.start)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.proxy import report
-from benchmarks.proxy.accounting import cpu_times, process_tree
+from benchmarks.proxy.accounting import cpu_times, cpu_usage, process_tree
 from benchmarks.proxy.targets import TARGETS, Started, start_target
 from benchmarks.proxy.upstream import MODEL
 
@@ -227,28 +227,23 @@ class Bench:
         pids = {"upstream": process_tree(self.upstream_pid)}
         if target.pid is not None:
             pids["proxy"] = process_tree(target.pid)
-        before = {k: cpu_times(v) for k, v in pids.items()}
-        children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+        def cpu() -> dict[str, tuple[float, float]]:
+            wrk = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk once it has been reaped
+            procs = {k: cpu_times(v) for k, v in pids.items()}
+            return procs | {"loadgen": (wrk.ru_utime, wrk.ru_stime)}
+
+        before = cpu()
         t0 = time.perf_counter()
         out = subprocess.run(
             cmd, capture_output=True, preexec_fn=self.preexec(LOAD_CPU), timeout=120, check=True
         )
         wall = time.perf_counter() - t0
-        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        after = {k: cpu_times(v) for k, v in pids.items()}
-        cpu = {k: sum(after[k]) - sum(before[k]) for k in pids}
-        cpu_sys = {k: after[k][1] - before[k][1] for k in pids}
-        cpu["loadgen"] = (children1.ru_utime + children1.ru_stime) - (
-            children0.ru_utime + children0.ru_stime
-        )
-        cpu_sys["loadgen"] = children1.ru_stime - children0.ru_stime
+        usage = cpu_usage(before, cpu(), wall)
         return parse_wrk(out.stdout.decode()) | {
             "mode": "wrk",
             "concurrency": self.plan.concurrency,
-            "window_s": wall,
-            "cpu_s": cpu,
-            "cpu_sys_s": cpu_sys,
-            "cpu_util": {k: v / wall for k, v in cpu.items()},
+            **usage,
         }
 
     def run_target(self, name: str, rep: int) -> dict[str, Any]:

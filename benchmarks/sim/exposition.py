@@ -176,6 +176,18 @@ def _cache_config(stats: EngineStats, extra: _Labels) -> _Labels:
     }
 
 
+def _token_counters(page: _Page, stats: EngineStats, prefix: str, labels: _Labels) -> None:
+    """The prompt and generation token counters every flavour exports, under its prefix."""
+    page.counter(
+        f"{prefix}prompt_tokens", "Number of prefill tokens processed.",
+        [(labels, stats.prompt_tokens)],
+    )  # fmt: skip
+    page.counter(
+        f"{prefix}generation_tokens", "Number of generation tokens processed.",
+        [(labels, stats.generation_tokens)],
+    )  # fmt: skip
+
+
 def _request_tail(page: _Page, stats: EngineStats, prefix: str, labels: _Labels) -> None:
     """The per-request histograms vLLM 0.4.3 and NIM 1.0 share (token counts, n, best_of)."""
     tokens = one_two_five(stats.profile.max_model_len)
@@ -223,13 +235,7 @@ def _vllm_v0(stats: EngineStats, model: str) -> str:
         "vllm:num_preemptions", "Cumulative number of preemption from the engine.",
         [(m, stats.num_preemptions)],
     )  # fmt: skip
-    page.counter(
-        "vllm:prompt_tokens", "Number of prefill tokens processed.", [(m, stats.prompt_tokens)]
-    )
-    page.counter(
-        "vllm:generation_tokens", "Number of generation tokens processed.",
-        [(m, stats.generation_tokens)],
-    )  # fmt: skip
+    _token_counters(page, stats, "vllm:", m)
     _latency_v0(page, stats, "vllm:", m)
     _request_tail(page, stats, "vllm:", m)
     finished = sum(n for r, n in stats.request_success.items() if r != "abort")
@@ -311,13 +317,7 @@ def _vllm_v1(stats: EngineStats, model: str) -> str:
         "vllm:num_preemptions", "Cumulative number of preemption from the engine.",
         [(m, stats.num_preemptions)],
     )  # fmt: skip
-    page.counter(
-        "vllm:prompt_tokens", "Number of prefill tokens processed.", [(m, stats.prompt_tokens)]
-    )
-    page.counter(
-        "vllm:generation_tokens", "Number of generation tokens processed.",
-        [(m, stats.generation_tokens)],
-    )  # fmt: skip
+    _token_counters(page, stats, "vllm:", m)
     page.counter(
         "vllm:request_success", "Count of successfully processed requests.",
         _success(stats, m, aborts=True),
@@ -376,11 +376,7 @@ def _nim(stats: EngineStats, model: str) -> str:
         "gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage.", m,
         stats.kv_usage,
     )  # fmt: skip
-    page.counter("prompt_tokens", "Number of prefill tokens processed.", [(m, stats.prompt_tokens)])
-    page.counter(
-        "generation_tokens", "Number of generation tokens processed.",
-        [(m, stats.generation_tokens)],
-    )  # fmt: skip
+    _token_counters(page, stats, "", m)
     _latency_v0(page, stats, "", m)
     _request_tail(page, stats, "", m)
     page.counter(
@@ -397,13 +393,7 @@ def _nim(stats: EngineStats, model: str) -> str:
 def _sglang(stats: EngineStats, model: str) -> str:
     page = _Page(created=None)
     m = {"model_name": model}
-    page.counter(
-        "sglang:prompt_tokens", "Number of prefill tokens processed.", [(m, stats.prompt_tokens)]
-    )
-    page.counter(
-        "sglang:generation_tokens", "Number of generation tokens processed.",
-        [(m, stats.generation_tokens)],
-    )  # fmt: skip
+    _token_counters(page, stats, "sglang:", m)
     page.gauge("sglang:token_usage", "The token usage", m, stats.kv_usage)
     queries = stats.prefix_cache_queries
     hit_rate = stats.prefix_cache_hits / queries if queries else 0.0

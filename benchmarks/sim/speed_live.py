@@ -9,7 +9,7 @@ is not counted - with an open-loop Poisson stream of the talk's workload (``open
 ``ignore_eos``), each request sent to a uniformly random replica (what a Kubernetes Service
 does), while scraping every replica's ``/metrics`` every ``--scrape-interval-s`` like a gateway.
 
-The simulator's CPU (user + system, from psutil) is measured over the window after
+The simulator's CPU (user + system, from /proc) is measured over the window after
 ``--warmup-s`` (the cluster fills up: a request lives ~20 s at this load). Goal: < 0.5 core.
 Prints a table and writes ``benchmarks/results/sim-speed-live.json``.
 """
@@ -29,10 +29,11 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-import psutil  # type: ignore[import-untyped]
 import uvloop
 
+from benchmarks.load.report import format_rows
 from benchmarks.load.workloads import Arrivals, make_workload
+from benchmarks.proxy.accounting import cpu_times
 
 GOAL_CORES = 0.5
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "sim-speed-live.json"
@@ -135,7 +136,7 @@ def _start_sim(args: argparse.Namespace) -> tuple[subprocess.Popen[str], list[st
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
     proc, urls = _start_sim(args)
-    sim = psutil.Process(proc.pid)
+    sim = [proc.pid]
     tally = Tally()
     samples: list[float] = []
     connector = aiohttp.TCPConnector(limit=0)
@@ -146,15 +147,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             scraper = asyncio.create_task(_scrape(http, urls, args.scrape_interval_s, tally))
             generator = asyncio.create_task(_generate(http, urls, args, tally))
             await asyncio.sleep(args.warmup_s)
-            cpu0, wall0 = sim.cpu_times(), time.perf_counter()
-            prev_cpu, prev_wall = cpu0.user + cpu0.system, wall0
+            cpu0, wall0 = cpu_times(sim), time.perf_counter()
+            prev_cpu, prev_wall = sum(cpu0), wall0
             tokens0 = tally.tokens
             while time.perf_counter() - wall0 < args.duration_s:
                 await asyncio.sleep(1.0)
-                c, w = sim.cpu_times(), time.perf_counter()
-                samples.append((c.user + c.system - prev_cpu) / (w - prev_wall))
-                prev_cpu, prev_wall = c.user + c.system, w
-            cpu1, wall1 = sim.cpu_times(), time.perf_counter()
+                c, w = cpu_times(sim), time.perf_counter()
+                samples.append((sum(c) - prev_cpu) / (w - prev_wall))
+                prev_cpu, prev_wall = sum(c), w
+            cpu1, wall1 = cpu_times(sim), time.perf_counter()
             tokens = tally.tokens - tokens0
             inflight = tally.inflight
             states = []
@@ -174,7 +175,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             proc.kill()
             code = -9
     window = wall1 - wall0
-    user, system = cpu1.user - cpu0.user, cpu1.system - cpu0.system
+    user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     cores = (user + system) / window
     ttft = sorted(tally.ttft_s)
     return {
@@ -238,8 +239,7 @@ def _table(result: dict[str, object]) -> str:
          f"{result['sim_step_lag_mean_s']} / {result['sim_step_lag_max_s']}"),
         ("simulator exit code after SIGTERM", result["sim_exit_code"]),
     ]  # fmt: skip
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return format_rows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
+from benchmarks.load.report import nearest_rank, weighted_quantiles
 from benchmarks.sim.engine import Engine, SimRequest, Step
 
 Route = Callable[[SimRequest, float], int]
@@ -243,20 +244,11 @@ def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 100]) of a non-empty sequence."""
     if not values:
         raise ValueError("percentile of an empty sequence")
-    ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, round(q / 100.0 * len(ordered) + 0.5) - 1))
-    return ordered[k]
+    return nearest_rank(sorted(values), q)
 
 
 def weighted_percentile(pairs: Sequence[tuple[float, int]], q: float) -> float:
     """Percentile of values given as (value, count) pairs, e.g. per-step ITL."""
-    total = sum(n for _, n in pairs)
-    if total == 0:
+    if sum(n for _, n in pairs) == 0:
         raise ValueError("percentile of an empty sequence")
-    rank = max(1, round(q / 100.0 * total + 0.5))
-    acc = 0
-    for value, n in sorted(pairs):
-        acc += n
-        if acc >= rank:
-            return value
-    return max(v for v, _ in pairs)
+    return weighted_quantiles(pairs, (q,))[0]

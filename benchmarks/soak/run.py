@@ -36,6 +36,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from benchmarks.load.report import format_rows
 from benchmarks.load.workloads import Arrivals
 from benchmarks.soak.processes import (
     FdCensus,
@@ -429,9 +430,7 @@ def print_table(result: SoakResult, out: Any = sys.stdout) -> None:
         ("worst send lateness", f"{1000 * s['send_lateness_max_s']:.1f} ms"),
         ("verdict", "PASS" if result.passed() else "FAIL"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}", file=out)
+    print(format_rows(rows), file=out)
 
 
 def _rss(s: dict[str, Any]) -> str:

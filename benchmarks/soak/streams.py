@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from benchmarks.load.report import format_rows
+from benchmarks.proxy.accounting import cpu_seconds
 from benchmarks.soak.processes import (
     GatewayProc,
     ProcSample,
@@ -190,12 +191,6 @@ def listen_overflows() -> int:
     return 0
 
 
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _inflight(
     http: aiohttp.ClientSession, gw: GatewayProc, urls: list[str]
 ) -> tuple[int, int]:
@@ -313,14 +308,14 @@ async def _hold(
     result: StreamsResult,
 ) -> None:
     t0 = time.perf_counter()
-    cpu0, events0 = _cpu_s(gw.pid), client.events
+    cpu0, events0 = cpu_seconds([gw.pid]), client.events
     while (elapsed := time.perf_counter() - t0) < cfg.hold_s:
         result.holding.append(sample_process(gw.pid, elapsed))
         if len(result.holding) % 5 == 1:
             result.probe_latencies_s.append(await _probe(http, gw))
         await asyncio.sleep(1.0)
     result.chat_status_holding = await _chat(http, gw, model)
-    result.cpu_s_per_s_holding = (_cpu_s(gw.pid) - cpu0) / (time.perf_counter() - t0)
+    result.cpu_s_per_s_holding = (cpu_seconds([gw.pid]) - cpu0) / (time.perf_counter() - t0)
     result.events_while_holding = client.events - events0
 
 
@@ -350,9 +345,7 @@ def print_table(result: StreamsResult, out: Any = sys.stdout) -> None:
         ("accept-queue overflows while opening", str(s["listen_overflows"])),
         ("verdict", "PASS" if result.passed() else "FAIL"),
     ]  # fmt: skip
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}", file=out)
+    print(format_rows(rows), file=out)
 
 
 def write_json(result: StreamsResult, path: Path) -> None:

@@ -11,7 +11,8 @@ from benchmarks.des.capacity import replica_capacity
 from benchmarks.des.gateway_model import Gauges, SimGateway
 from benchmarks.des.runner import Replicas, run_scenario
 from benchmarks.des.scenario import Arrival, GatewaySpec, Scenario, arrivals
-from benchmarks.des.summary import kv_balance, nearest_rank, weighted_quantiles
+from benchmarks.des.summary import kv_balance
+from benchmarks.load.report import nearest_rank, weighted_quantiles
 from benchmarks.sim.profiles import get_profile
 from policies.types import Saturation
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,65 +13,38 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from benchmarks.sim.server import ReplicaSettings, SimReplica
+from benchmarks.sim.server import ReplicaSettings
 from gateway.app import GatewayServer
 from gateway.config import load_config
-from gateway.discovery.dns import DnsDiscovery
 from gateway.discovery.static import FileWatch
 from policies.types import ReplicaId
 from tests.benchmarks.conftest import StartReplicas
 from tests.gateway.conftest import gateway_config, wait_pool
-from tests.gateway.discovery.dnsmasq_server import DOMAIN, Dnsmasq, find_dnsmasq
+from tests.gateway.discovery.dnsmasq_server import Dnsmasq
+from tests.gateway.dns_fixture import (
+    HOSTS,
+    NAME,
+    dns_discovery,
+    replicas_on_one_port,
+    running_dnsmasq,
+)
 from tests.gateway.steady_load import SteadyLoad
 
-DNSMASQ = find_dnsmasq()
-NAME = f"vllm.{DOMAIN}"
 HEALTH = {"probe_interval_s": 0.05, "probe_max_interval_s": 0.2}
-
-
-def _port_free_on(hosts: list[str]) -> int | None:
-    """A port that every host in ``hosts`` can bind (the Service's one target port)."""
-    for _ in range(20):
-        with socket.socket() as first:
-            try:
-                first.bind((hosts[0], 0))
-            except OSError:
-                return None  # 127.0.0.x beyond .1 not bindable here
-            port: int = first.getsockname()[1]
-            free = True
-            for host in hosts[1:]:
-                with socket.socket() as other:
-                    try:
-                        other.bind((host, port))
-                    except OSError:
-                        free = False
-            if free:
-                return port
-    return None
 
 
 @pytest.fixture
 async def dnsmasq(tmp_path: Path) -> AsyncIterator[Dnsmasq]:
-    if DNSMASQ is None:
-        pytest.skip("dnsmasq not installed (Debian: dnsmasq-base; `make system-deps`)")
-    server = Dnsmasq(DNSMASQ, tmp_path)
-    server.write_hosts({NAME: []})
-    await server.start()
-    yield server
-    await server.stop()
+    async with running_dnsmasq(tmp_path) as server:
+        yield server
 
 
 async def test_dns_records_added_and_removed_while_traffic_flows(
     dnsmasq: Dnsmasq, start_replicas: StartReplicas
 ) -> None:
-    hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-    port = _port_free_on(hosts)
-    if port is None:
-        pytest.skip("cannot bind one port on 127.0.0.2-4")
-    replicas: dict[str, SimReplica] = {}
-    for i, host in enumerate(hosts):
-        settings = ReplicaSettings.fast(step_s=0.005, host=host, port=port)
-        (replicas[host],) = await start_replicas(1, settings, seed=i)
+    hosts = list(HOSTS)
+    port, started = await replicas_on_one_port(start_replicas)
+    replicas = dict(zip(hosts, started, strict=True))
     dnsmasq.write_hosts({NAME: hosts[:2]})
     dnsmasq.reload()
 
@@ -82,10 +54,7 @@ async def test_dns_records_added_and_removed_while_traffic_flows(
         registry=CollectorRegistry(),
     )
     gw = server.gateway
-    gw.discovery = DnsDiscovery(
-        NAME, port, interval_s=0.05, timeout_s=0.5, nameservers=["127.0.0.1"],
-        nameserver_port=dnsmasq.port,
-    )  # fmt: skip
+    gw.discovery = dns_discovery(dnsmasq, port, timeout_s=0.5)
     pool = gw.pool
 
     def ready() -> set[str]:

@@ -7,7 +7,6 @@ its last good membership while the authority is unreachable, follows an authorit
 from __future__ import annotations
 
 import random
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,20 @@ from prometheus_client import CollectorRegistry
 from benchmarks.sim.server import ReplicaSettings, SimReplica
 from gateway.app import GatewayServer
 from gateway.discovery import KubeCredentials, KubernetesDiscovery
-from gateway.discovery.dns import DnsDiscovery
 from gateway.pool import ReplicaPool
 from tests.benchmarks.conftest import StartReplicas
 from tests.gateway.conftest import gateway_config, wait_pool
-from tests.gateway.discovery.dnsmasq_server import DOMAIN, Dnsmasq, find_dnsmasq
 from tests.gateway.discovery.fake_apiserver import SERVICE_LABEL, FakeApiServer
 from tests.gateway.discovery.recording_sink import eventually
+from tests.gateway.dns_fixture import (
+    HOSTS,
+    NAME,
+    dns_discovery,
+    replicas_on_one_port,
+    running_dnsmasq,
+)
 from tests.gateway.steady_load import SteadyLoad
 
-NAME = f"vllm.{DOMAIN}"
 HEALTH = {"probe_interval_s": 0.05, "probe_max_interval_s": 0.2}
 # With no replica at all a request may wait for one (scale from zero); not for long here.
 BUFFER = {"max_wait_s": 0.5}
@@ -68,50 +71,14 @@ async def server_factory() -> AsyncIterator[Any]:
 # -- DNS -----------------------------------------------------------------------------------
 
 
-def _port_free_on(hosts: list[str]) -> int | None:
-    """One port every host can bind (a headless Service has one target port)."""
-    for _ in range(20):
-        with socket.socket() as first:
-            try:
-                first.bind((hosts[0], 0))
-            except OSError:
-                return None
-            port: int = first.getsockname()[1]
-            free = True
-            for host in hosts[1:]:
-                with socket.socket() as other:
-                    try:
-                        other.bind((host, port))
-                    except OSError:
-                        free = False
-            if free:
-                return port
-    return None
-
-
 async def test_dns_server_down_keeps_membership_and_everything_recovers(
     tmp_path: Path, start_replicas: StartReplicas, server_factory: Any
 ) -> None:
-    binary = find_dnsmasq()
-    if binary is None:
-        pytest.skip("dnsmasq not installed (Debian: dnsmasq-base; `make system-deps`)")
-    hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-    port = _port_free_on(hosts)
-    if port is None:
-        pytest.skip("cannot bind one port on 127.0.0.2-4")
-    replicas: list[SimReplica] = []
-    for i, host in enumerate(hosts):
-        settings = ReplicaSettings.fast(step_s=0.005, host=host, port=port)
-        replicas += await start_replicas(1, settings, seed=i)
+    hosts = list(HOSTS)
+    port, replicas = await replicas_on_one_port(start_replicas)
     model = replicas[0].model
-    dns = Dnsmasq(binary, tmp_path)
-    dns.write_hosts({NAME: hosts[:2]})
-    await dns.start()
-    discovery = DnsDiscovery(
-        NAME, port, interval_s=0.05, timeout_s=0.3, nameservers=["127.0.0.1"],
-        nameserver_port=dns.port,
-    )  # fmt: skip
-    try:
+    async with running_dnsmasq(tmp_path, hosts[:2]) as dns:
+        discovery = dns_discovery(dns, port, timeout_s=0.3)
         server = await server_factory(discovery)
         pool = server.gateway.pool
         two = {f"{h}:{port}" for h in hosts[:2]}
@@ -138,8 +105,6 @@ async def test_dns_server_down_keeps_membership_and_everything_recovers(
         await wait_pool(pool, lambda: len(_ready(pool)) == 2, limit_s=5.0)
         assert await _status(server, model) == 200
         assert not server.gateway.failed.is_set()
-    finally:
-        await dns.stop()
 
 
 # -- Kubernetes ----------------------------------------------------------------------------

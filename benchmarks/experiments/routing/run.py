@@ -28,7 +28,7 @@ from statistics import fmean
 
 from benchmarks.des.capacity import replica_capacity
 from benchmarks.des.runner import RunResult, run_scenario
-from benchmarks.des.summary import cdf_points, nearest_rank
+from benchmarks.des.summary import cdf_points
 from benchmarks.experiments.routing import goals, plots, report, validate_live
 from benchmarks.experiments.routing.plan import (
     BOUNDS,
@@ -52,6 +52,7 @@ from benchmarks.experiments.routing.schema import (
     Series,
     Speed,
 )
+from benchmarks.load.report import nearest_rank
 
 HERE = Path(__file__).resolve().parent
 QUICK_OUT = HERE.parents[1] / "results" / "routing-quick"

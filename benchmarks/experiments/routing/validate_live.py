@@ -46,10 +46,10 @@ from benchmarks.des.capacity import replica_capacity
 from benchmarks.des.runner import run_scenario
 from benchmarks.des.scaling import ScaledWorkload, scaled_overrides
 from benchmarks.des.scenario import GatewaySpec, Scenario
-from benchmarks.des.summary import nearest_rank
 from benchmarks.experiments.routing.live_processes import Child, gateway_main, replicas_main
 from benchmarks.experiments.routing.plan import BOUNDS, DEFAULT_BOUND, PROFILE, REPLICAS
 from benchmarks.load.openloop import LoadConfig, run_load
+from benchmarks.load.report import nearest_rank
 from benchmarks.load.workloads import make_workload
 from benchmarks.sim.profiles import get_profile
 
