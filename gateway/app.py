@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.access_log import AccessLog
 from gateway.admin import build_admin_app
-from gateway.auth import KeyStore, auth_middleware
+from gateway.auth import KeyStore, UpstreamCredentials, auth_middleware
 from gateway.buffer import RequestBuffer, saturation_bounds
 from gateway.catalog import ModelCatalog
 from gateway.config import (
@@ -157,6 +157,12 @@ def build_app(
             metrics.scrape_failed(replica, reason)
 
     scraper = MetricsScraper(pool, cfg.scraper, clock=clock, on_result=on_scrape)
+    # One credential object for the proxy and the catalog: one token file, read in one place.
+    credentials = UpstreamCredentials(
+        forward_client_auth=cfg.upstream.forward_client_auth,
+        api_key_file=None if cfg.upstream.api_key_file is None else Path(cfg.upstream.api_key_file),
+        clock=clock,
+    )
     catalog = ModelCatalog(
         pool,
         refresh_interval_s=cfg.models.refresh_interval_s,
@@ -165,6 +171,7 @@ def build_app(
         health=health,
         probe_path=cfg.health.probe_path,
         probe_timeout_s=cfg.health.probe_timeout_s,
+        credentials=credentials,
     )
     buffer = RequestBuffer(
         pool, router, cfg.buffer, configured_models=cfg.models.names, clock=clock
@@ -183,6 +190,7 @@ def build_app(
         metrics=metrics,
         clock=clock,
         buffer=buffer,
+        credentials=credentials,
     )
     registry.register(
         ReplicaStateCollector(

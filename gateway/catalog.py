@@ -28,6 +28,11 @@ Invariants:
 * Probes are a bare HTTP/1.1 GET on asyncio streams (status line only, ``Connection: close``):
   errors are ``OSError``/``TimeoutError``/``ValueError``, so no aiohttp exception is matched
   outside ``upstream.py``.
+* Both calls carry the gateway's own credential (``upstream.api_key_file``, through the same
+  ``UpstreamCredentials`` the proxy uses), read per call so a rotated file is picked up: a
+  replica that requires an API key (vLLM ``--api-key`` guards every ``/v1`` path, NIM's
+  ``/v1/health/ready`` included when behind one) must still list its models and pass its
+  probe. The token never reaches a log line: failures name the path and the status only.
 """
 
 from __future__ import annotations
@@ -41,11 +46,13 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+from multidict import CIMultiDict
 
+from gateway.auth import UpstreamCredentials
 from gateway.errors import GatewayError, UpstreamResponseInvalid
 from gateway.health import HealthTracker
 from gateway.pool import ReplicaPool
-from gateway.upstream import fetch_json, join_url
+from gateway.upstream import credential_hint, fetch_json, join_url
 from policies.types import ReplicaId
 
 logger = logging.getLogger(__name__)
@@ -66,8 +73,10 @@ class ModelCatalog:
         health: HealthTracker,
         probe_path: str | None = None,
         probe_timeout_s: float = 2.0,
+        credentials: UpstreamCredentials | None = None,
     ) -> None:
         self._pool = pool
+        self._credentials = credentials
         self._session: aiohttp.ClientSession | None = None
         self._interval_s = refresh_interval_s
         self._timeout_s = refresh_timeout_s
@@ -101,6 +110,18 @@ class ModelCatalog:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def _authorization(self) -> str | None:
+        """The ``Authorization`` value the gateway itself presents to replicas, if any.
+
+        Asked per call: the credentials re-read their file when it changes. A control-plane
+        call has no client header to forward, so this is exactly what the proxy would add.
+        """
+        if self._credentials is None:
+            return None
+        headers: CIMultiDict[str] = CIMultiDict()
+        self._credentials.apply(headers)
+        return headers.get("Authorization")
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:  # created lazily: it must belong to the running loop
@@ -188,10 +209,11 @@ class ModelCatalog:
         if known == _NO_PROBE:
             return True
         paths = self._probe_paths if known is None else (known,)
+        authorization = self._authorization()
         reason = ""
         for i, path in enumerate(paths):
             try:
-                status = await _get_status(url, path, self._probe_timeout_s)
+                status = await _get_status(url, path, self._probe_timeout_s, authorization)
             except TimeoutError:
                 reason = f"no answer within {self._probe_timeout_s:g} s"
                 break
@@ -214,7 +236,7 @@ class ModelCatalog:
                 if self._unhealthy.pop(rid, None) is not None:
                     logger.info("replica %s: health probe passes", rid)
                 return True
-            reason = f"GET {path} answered {status}"
+            reason = f"GET {path} answered {status}{credential_hint(status)}"
             break
         if self._unhealthy.get(rid) != reason:
             logger.info("replica %s not healthy yet: %s", rid, reason)
@@ -227,7 +249,12 @@ class ModelCatalog:
         url = join_url(self._pool.url(rid), "/v1/models")
         self._listed_at[rid] = self._clock()
         try:
-            doc = await fetch_json(self._get_session(), url, timeout_s=self._timeout_s)
+            doc = await fetch_json(
+                self._get_session(),
+                url,
+                timeout_s=self._timeout_s,
+                authorization=self._authorization(),
+            )
             cards = _model_cards(doc)
         except GatewayError as exc:
             if self._failing.get(rid) != exc.code:
@@ -258,7 +285,7 @@ def _tls_context() -> ssl.SSLContext:
     return ssl.create_default_context()  # one for all replicas: it is costly to build
 
 
-async def _get_status(url: str, path: str, timeout_s: float) -> int:
+async def _get_status(url: str, path: str, timeout_s: float, authorization: str | None) -> int:
     """The status code of ``GET url+path`` (the body is not read; the connection is closed)."""
     parts = urlsplit(url)
     https = parts.scheme == "https"
@@ -267,8 +294,13 @@ async def _get_status(url: str, path: str, timeout_s: float) -> int:
     tls = _tls_context() if https else None
     request = (
         f"GET {parts.path.rstrip('/')}{path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-        "User-Agent: kvgate-health\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        "User-Agent: kvgate-health\r\nAccept: */*\r\nConnection: close\r\n"
     ).encode("latin-1")
+    if authorization is not None:
+        # UpstreamCredentials admits no whitespace or control character in a token, so it
+        # cannot end the header early; UTF-8, as aiohttp sends it on the other calls.
+        request += b"Authorization: " + authorization.encode("utf-8") + b"\r\n"
+    request += b"\r\n"
     async with asyncio.timeout(timeout_s):
         reader, writer = await asyncio.open_connection(
             parts.hostname, parts.port or (443 if https else 80), ssl=tls

@@ -32,7 +32,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
@@ -101,6 +100,7 @@ class Proxy:
         metrics: GatewayMetrics,
         clock: Callable[[], float],
         buffer: RequestBuffer,
+        credentials: UpstreamCredentials,
     ) -> None:
         self._cfg = cfg.upstream
         self._buffer = buffer
@@ -114,12 +114,7 @@ class Proxy:
         self._clock = clock
         self._body_timeout_s = cfg.listen.body_timeout_s
         self._auth = cfg.auth is not None  # priority then comes from the key, not the header
-        u = cfg.upstream
-        self._credentials = UpstreamCredentials(
-            forward_client_auth=u.forward_client_auth,
-            api_key_file=None if u.api_key_file is None else Path(u.api_key_file),
-            clock=clock,
-        )
+        self._credentials = credentials  # shared with the catalog's control-plane calls
         p = cfg.policy
         self._prefix: tuple[int, int] | None = None
         if router.needs_prefix and isinstance(p, PrefixAffinityPolicy):

@@ -113,10 +113,24 @@ def join_url(base: str, path: str, query: str = "") -> str:
 MAX_CONTROL_BODY_BYTES = 4 * 1024 * 1024  # a model list is a few KB
 
 
-async def fetch_json(session: aiohttp.ClientSession, url: str, *, timeout_s: float) -> object:
-    """GET ``url`` and decode its JSON body (control-plane calls: model lists)."""
+def credential_hint(status: int) -> str:
+    """What to add to a control-plane call's failure when the replica wants a credential."""
+    if status in (401, 403):
+        return " (does the replica require an API key? see upstream.api_key_file)"
+    return ""
+
+
+async def fetch_json(
+    session: aiohttp.ClientSession, url: str, *, timeout_s: float, authorization: str | None = None
+) -> object:
+    """GET ``url`` and decode its JSON body (control-plane calls: model lists).
+
+    ``authorization``: the gateway's own ``Authorization`` value for the replica, if any; it is
+    sent, never part of an error message.
+    """
+    headers = None if authorization is None else {"Authorization": authorization}
     try:
-        async with asyncio.timeout(timeout_s), session.get(url) as resp:
+        async with asyncio.timeout(timeout_s), session.get(url, headers=headers) as resp:
             # Bounded: a broken or hostile replica must not make the gateway buffer gigabytes.
             body = b""
             while chunk := await resp.content.read(MAX_CONTROL_BODY_BYTES + 1 - len(body)):
@@ -124,7 +138,9 @@ async def fetch_json(session: aiohttp.ClientSession, url: str, *, timeout_s: flo
                 if len(body) > MAX_CONTROL_BODY_BYTES:
                     raise UpstreamResponseInvalid(f"GET {url}: over {MAX_CONTROL_BODY_BYTES} bytes")
             if resp.status != 200:
-                raise UpstreamResponseInvalid(f"GET {url} answered {resp.status}")
+                raise UpstreamResponseInvalid(
+                    f"GET {url} answered {resp.status}{credential_hint(resp.status)}"
+                )
     except GatewayError:
         raise
     except (aiohttp.ClientError, TimeoutError) as exc:

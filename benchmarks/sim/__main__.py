@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-tokens-mean", type=float, default=256.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--api-key",
+        default=None,
+        help="as vLLM's --api-key: /v1 routes answer 401 without 'Authorization: Bearer <key>'",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         type=_override,
@@ -89,6 +94,7 @@ async def serve(args: argparse.Namespace) -> None:
         listen_delay_s=args.listen_delay_s,
         load_time_s=args.load_time_s,
         output_tokens_mean=args.output_tokens_mean,
+        api_key=args.api_key,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -11,6 +11,11 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embe
 ``GET /metrics`` (``/v1/metrics`` instead for the ``nim`` flavour), and the simulator's own
 ``POST /sim/control`` (see ``faults``) and ``GET /sim/state``.
 
+API key (``ReplicaSettings.api_key``, CLI ``--api-key``): as vLLM's ``--api-key``, every path
+under ``/v1`` answers 401 ``{"error": "Unauthorized"}`` unless the request carries
+``Authorization: Bearer <key>``; ``/health``, the metrics page (``/v1/metrics`` too, for ``nim``)
+and ``/sim/*`` stay open. ``SimReplica.api_key`` may be changed at run time (key rotation).
+
 Lifecycle and faults (``faults.Lifecycle``): while not ``ready``/``draining`` every route but
 ``/sim/*`` answers 503; a crash loses the engine, so a restarted replica is a new process with
 fresh counters on ``/metrics`` (but the same URL).
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import random
 import time
@@ -77,6 +83,7 @@ class ReplicaSettings:
     slow_factor: float = 1.0
     drop_streams_after_tokens: int | None = None
     draining: bool = False
+    api_key: str | None = None  # like vLLM --api-key: /v1 paths need "Bearer <key>"
 
     def with_overrides(self, **profile_overrides: object) -> ReplicaSettings:
         merged = {**self.profile_overrides, **profile_overrides}
@@ -146,6 +153,8 @@ class SimReplica:
         self.engine = self._new_engine()
         self.life = Lifecycle(s.host, s.port, self._notify)
         self.drop_after_tokens: int | None = None
+        self.api_key = s.api_key
+        self.requests_unauthorized = 0  # answered 401 for a missing or wrong API key
         self.requests_seen = 0  # generation requests received, whatever their outcome
         self.requests_rejected = 0  # answered with an error status
         self.requests_admitted = 0  # added to the engine
@@ -268,6 +277,7 @@ class SimReplica:
             "drop_after_tokens": self.drop_after_tokens,
             "requests_seen": self.requests_seen,
             "requests_rejected": self.requests_rejected,
+            "requests_unauthorized": self.requests_unauthorized,
             "requests_admitted": self.requests_admitted,
             "requests_finished": self.requests_finished,
             "requests_aborted": self.requests_aborted,
@@ -449,7 +459,7 @@ class SimReplica:
 
     @web.middleware
     async def _gate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Hang and lifecycle apply to every route but the simulator's own ``/sim/*``."""
+        """Hang, lifecycle and the API key apply to every route but the simulator's ``/sim/*``."""
         if request.path.startswith("/sim/"):
             return await handler(request)
         if self.life.hung:
@@ -459,7 +469,23 @@ class SimReplica:
             request.transport.abort()  # only reachable under someone else's runner: act dead
         if phase not in ("ready", "draining"):
             return _error(503, "the model is loading", "ServiceUnavailableError")
+        if not self._authorized(request):
+            self.requests_unauthorized += 1
+            self._notify()
+            # vLLM's exact answer: a bare string, not the OpenAI error object.
+            return web.json_response({"error": "Unauthorized"}, status=401)
         return await handler(request)
+
+    def _authorized(self, request: web.Request) -> bool:
+        """vLLM's rule: with a key set, only paths under ``/v1`` are guarded (OPTIONS never)."""
+        key = self.api_key
+        if key is None or request.method == "OPTIONS" or not request.path.startswith("/v1"):
+            return True
+        if request.path == METRICS_PATH[self.settings.flavour]:
+            return True  # a scraper must not need the key (vLLM's /metrics is outside /v1)
+        presented = request.headers.get("Authorization", "")
+        expected = f"Bearer {key}".encode()
+        return hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), expected)
 
     async def _read_json(self, request: web.Request) -> object:
         try:
