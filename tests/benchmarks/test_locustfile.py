@@ -44,8 +44,9 @@ async def test_locust_streams_and_reports_ttft(tmp_path: Path) -> None:
     post = rows[("POST", "/v1/chat/completions")]
     ttft = rows[("TTFT", "/v1/chat/completions")]
     n = int(post["Request Count"])
-    # constant_throughput: about USERS × USER_RATE requests per second once spawned.
-    assert USERS * USER_RATE * RUN_S * 0.5 <= n <= seen
+    # constant_throughput caps each user at USER_RATE requests per second (plus the first one);
+    # a loaded machine can only make fewer, so only the cap is asserted, and that all worked.
+    assert USERS <= n <= min(seen, USERS * (USER_RATE * RUN_S + 1))
     assert int(post["Failure Count"]) == 0
     assert int(ttft["Request Count"]) == n and int(ttft["Failure Count"]) == 0
     assert 0 < float(ttft["Average Response Time"]) < float(post["Average Response Time"])
