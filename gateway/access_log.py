@@ -131,7 +131,7 @@ class _Timestamps:
             f"{self._plain_text},{ms:03d} INFO gateway.access access request_id={r.request_id} "
             f"method={r.method} path={r.path} model={_dash(r.model)} "
             f"replica={_dash(r.replica)} status={r.status} duration_s={r.duration_s:.6f} "
-            f"ttfb_s={ttfb} attempts={r.attempts} error={_dash(r.error)}\n"
+            f"ttfb_s={ttfb} attempts={r.attempts} error={_dash(r.error)} key={_dash(r.key)}\n"
         )
 
     def json_line(self, at: float, r: AccessRecord) -> str:
@@ -155,6 +155,7 @@ class _Timestamps:
             "ttfb_s": r.ttfb_s,
             "attempts": r.attempts,
             "error": r.error,
+            "key": r.key,
         }
         return orjson.dumps(doc).decode() + "\n"
 

@@ -1,19 +1,22 @@
-"""Wiring: one gateway's components, its two aiohttp apps and their lifecycle.
+"""Wiring: one gateway's components, its two ports, the request wrapper and the lifecycle.
 
-``build_app(cfg, clock=, rng=, registry=)`` assembles pool, policy, router, catalog, scraper and
-proxy into a ``Gateway`` (stored under ``GATEWAY``) and returns the proxy app; the admin app
-(``gateway.admin.build_admin_app``) reads the same ``Gateway``. ``GatewayServer`` runs both on
-their ports and implements graceful shutdown.
+``build_gateway(cfg, clock=, rng=, registry=)`` assembles pool, policy, router, catalog, scraper
+and proxy into a ``Gateway``. ``GatewayServer`` serves the OpenAI API on ``listen`` (the
+protocol-level server of ``gateway/http_server.py``, with ``handle`` as its handler) and the
+admin app (``gateway/admin.py``, aiohttp) on ``admin``, and implements graceful shutdown.
 
 Invariants:
 
 * No global state: clock, rng and the Prometheus registry are injected; two gateways can live
   in one process (tests do this).
-* Every background task (catalog refresh, scraper) is created in the app's ``cleanup_ctx``,
-  cancelled and awaited there; one that dies unexpectedly is logged and sets ``Gateway.failed``,
-  which stops the server with a non-zero exit instead of leaving a dead loop behind.
-* Every client-visible error is rendered once, by ``request_middleware``, which also writes the
-  one access line and the request metrics of each request.
+* Every background task (catalog refresh, scraper, discovery) is created by ``start`` and
+  cancelled and awaited by ``stop``; one that dies unexpectedly is logged and sets
+  ``Gateway.failed``, which stops the server with a non-zero exit instead of leaving a dead
+  loop behind.
+* Every client-visible error is rendered once, by ``handle`` (or, for a request the HTTP parser
+  refused, by ``refused``), which also writes the one access line and the request metrics of
+  each request. Authentication comes before routing: an unauthenticated client learns nothing,
+  not even which paths exist.
 * Shutdown: stop reporting ready, optionally keep serving ``shutdown.delay_s``, stop accepting,
   let in-flight requests finish for up to ``shutdown.drain_s``, then cancel what is left (each
   releases its replica in its ``finally``) and close.
@@ -22,13 +25,14 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -39,7 +43,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.access_log import AccessLog
 from gateway.admin import build_admin_app
-from gateway.auth import KeyStore, UpstreamCredentials, auth_middleware
+from gateway.auth import KeyStore, UpstreamCredentials
 from gateway.buffer import RequestBuffer, saturation_bounds
 from gateway.catalog import ModelCatalog
 from gateway.config import (
@@ -54,12 +58,20 @@ from gateway.config import (
 )
 from gateway.discovery.base import Discovery
 from gateway.discovery.static import FileWatch, replicas_from_urls
-from gateway.errors import ConfigError, GatewayError, from_http_exception, render
+from gateway.errors import (
+    Answer,
+    ConfigError,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    render,
+)
 from gateway.exporter import GatewayMetrics, ReplicaStateCollector
 from gateway.health import HealthTracker
+from gateway.http_server import HttpServer, Limits, Request
 from gateway.log import AccessRecord, request_id_var
 from gateway.pool import ReplicaPool
-from gateway.proxy import ACCESS, Proxy
+from gateway.proxy import Proxy
 from gateway.replica_client import ReplicaClient
 from gateway.router import Router
 from gateway.scraper import MetricsScraper
@@ -71,6 +83,7 @@ logger = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request": access log and metrics
+Route = Callable[[Request, AccessRecord], Awaitable[None]]
 
 
 def package_version() -> str:
@@ -115,6 +128,8 @@ class Gateway:
     replica_client: ReplicaClient | None = None  # exists while the app runs
     access_log: AccessLog = field(default_factory=AccessLog)
     request_ids: RequestIds = field(default_factory=lambda: RequestIds())
+    key_store: KeyStore | None = None  # client authentication, when ``auth`` is configured
+    routes: dict[str, tuple[str, Route]] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -126,17 +141,14 @@ class Gateway:
         return self.replica_client
 
 
-GATEWAY = web.AppKey("gateway", Gateway)
-
-
-def build_app(
+def build_gateway(
     cfg: GatewayConfig,
     *,
     clock: Callable[[], float] = time.monotonic,
     rng: random.Random | None = None,
     registry: CollectorRegistry | None = None,
     config_path: Path | None = None,
-) -> web.Application:
+) -> Gateway:
     """``config_path``: the file ``cfg`` came from; static replicas are then re-read from it
     when it changes or on SIGHUP (``kvgate serve`` passes it)."""
     registry = registry if registry is not None else CollectorRegistry()
@@ -210,14 +222,10 @@ def build_app(
         pool.set_members("static", replicas_from_urls(cfg.replicas.urls))
         if config_path is not None:
             gw.discovery = _config_watch(cfg, config_path)
-    middlewares = [request_middleware(gw)]
-    if cfg.auth is not None:  # inside the request middleware: its 401/429 are rendered, logged
-        middlewares.append(auth_middleware(_key_store(cfg, clock)))
-    app = web.Application(middlewares=middlewares)
-    app[GATEWAY] = gw
-    proxy.add_routes(app)
-    app.cleanup_ctx.append(_lifecycle(gw))
-    return app
+    if cfg.auth is not None:
+        gw.key_store = _key_store(cfg, clock)
+    gw.routes = proxy.routes()
+    return gw
 
 
 def _key_store(cfg: GatewayConfig, clock: Callable[[], float]) -> KeyStore:
@@ -284,29 +292,27 @@ def _discovery(replicas: ReplicasConfig) -> Discovery | None:
     return None
 
 
-def _lifecycle(gw: Gateway) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
-        gw.replica_client = ReplicaClient(connect_timeout_s=gw.cfg.upstream.connect_timeout_s)
-        tasks = [
-            _supervised(gw, "catalog", gw.catalog.run()),
-            _supervised(gw, "scraper", gw.scraper.run()),
-        ]
-        if gw.discovery is not None:
-            tasks.append(_supervised(gw, "discovery", gw.discovery.run(gw.pool)))
-        gw.started = True
-        try:
-            yield
-        finally:
-            gw.started = False
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await gw.scraper.close()
-            await gw.catalog.close()
-            await gw.client().close()
-            gw.access_log.close()
+def _start_background(gw: Gateway) -> list[asyncio.Task[None]]:
+    gw.replica_client = ReplicaClient(connect_timeout_s=gw.cfg.upstream.connect_timeout_s)
+    tasks = [
+        _supervised(gw, "catalog", gw.catalog.run()),
+        _supervised(gw, "scraper", gw.scraper.run()),
+    ]
+    if gw.discovery is not None:
+        tasks.append(_supervised(gw, "discovery", gw.discovery.run(gw.pool)))
+    gw.started = True
+    return tasks
 
-    return lifecycle
+
+async def _stop_background(gw: Gateway, tasks: list[asyncio.Task[None]]) -> None:
+    gw.started = False
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await gw.scraper.close()
+    await gw.catalog.close()
+    await gw.client().close()
+    gw.access_log.close()
 
 
 def _supervised(
@@ -325,70 +331,84 @@ def _supervised(
     return task
 
 
-def request_middleware(gw: Gateway) -> Callable[..., Awaitable[web.StreamResponse]]:
-    @web.middleware
-    async def middleware(
-        request: web.Request,
-        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-    ) -> web.StreamResponse:
-        given = request.headers.get("x-request-id", "")
-        rid = given if given and _REQUEST_ID.fullmatch(given) else gw.request_ids.next()
-        token = request_id_var.set(rid)
-        rec = AccessRecord(
-            request_id=rid, method=request.method, path=request.path, started=gw.clock()
-        )
-        request[ACCESS] = rec
-        try:
-            resp = await _rendering_errors(gw, handler, request, rec)
-            rec.status = resp.status
-            if not resp.prepared:
-                resp.headers["x-request-id"] = rid
-            return resp
-        except ConnectionResetError:
-            # The client closed its connection while its response was being written (under
-            # uvloop a client's FIN often surfaces here, before the handler is cancelled).
-            # Nothing can reach it; re-raising would make aiohttp log a 500 with a traceback
-            # for an everyday event, so hand aiohttp a response whose write fails quietly.
-            rec.status = CLIENT_CLOSED
-            if request.transport is not None and not request.transport.is_closing():
-                raise
-            return web.Response(status=CLIENT_CLOSED)
-        except BaseException:  # cancelled: the client went away...
-            rec.status = CLIENT_CLOSED
-            if gw.draining:  # ...or the shutdown drain time ran out
-                rec.error = "cancelled_at_shutdown"
-            raise
-        finally:
-            rec.duration_s = gw.clock() - rec.started
-            _finish(gw, rec)
-            request_id_var.reset(token)
-
-    return middleware
-
-
-async def _rendering_errors(
-    gw: Gateway,
-    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-    request: web.Request,
-    rec: AccessRecord,
-) -> web.StreamResponse:
-    """The handler's response, or the rendered error (the one place errors become JSON)."""
+async def handle(gw: Gateway, request: Request) -> None:
+    """One request, start to end: its id, authentication, route, the proxy, the one place its
+    errors are rendered, its access line and metrics."""
+    given = request.headers.get("x-request-id", "")
+    rid = given if given and _REQUEST_ID.fullmatch(given) else gw.request_ids.next()
+    token = request_id_var.set(rid)
+    rec = AccessRecord(request_id=rid, method=request.method, path=request.path, started=gw.clock())
     try:
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            raise from_http_exception(exc) from exc
-    except GatewayError as exc:
-        error = exc
-    except ConnectionResetError:
+        error = await _answered(gw, request, rec)
+        if error is not None:
+            rec.error = error.code
+            if error.retry_after_s is not None:  # refused for lack of capacity, not a client
+                gw.metrics.rejections.labels(gw.proxy.model_label(rec.model), error.code).inc()
+            if request.answered:  # too late for a status: the client sees a broken response
+                request.abort()
+            else:
+                status, headers, body = render(error, rid)
+                if isinstance(error, MethodNotAllowed) and request.path in gw.routes:
+                    headers.append(("Allow", gw.routes[request.path][0]))
+                request.respond(status, headers, body)
+        if not rec.status:
+            rec.status = request.status if request.answered else CLIENT_CLOSED
+    except BaseException:  # cancelled: the client went away...
+        rec.status = CLIENT_CLOSED
+        if gw.draining:  # ...or the shutdown drain time ran out
+            rec.error = "cancelled_at_shutdown"
         raise
+    finally:
+        rec.duration_s = gw.clock() - rec.started
+        _finish(gw, rec)
+        request_id_var.reset(token)
+
+
+async def _answered(gw: Gateway, request: Request, rec: AccessRecord) -> GatewayError | None:
+    """Run the request; the error to render, if it failed with one."""
+    try:
+        store = gw.key_store
+        if store is None:
+            await _route(gw, request, rec)
+            return None
+        key = store.authenticate(request.headers.get("Authorization"))
+        rec.key, rec.priority = key.name, key.priority or 0
+        store.acquire(key)
+        try:
+            await _route(gw, request, rec)
+        finally:
+            store.release(key)
+        return None
+    except GatewayError as exc:
+        return exc
+    except ConnectionResetError:  # the client went away while its answer was being written
+        rec.status = CLIENT_CLOSED
+        request.abort()
+        return None
     except Exception:
         logger.exception("unhandled error in %s %s", request.method, request.path)
-        error = GatewayError("internal error in the gateway")
+        return GatewayError("internal error in the gateway")
+
+
+async def _route(gw: Gateway, request: Request, rec: AccessRecord) -> None:
+    route = gw.routes.get(request.path)
+    if route is None:
+        raise NotFound("no route for this path")
+    method, handler = route
+    if request.method != method:
+        raise MethodNotAllowed("method not allowed for this path")
+    await handler(request, rec)
+
+
+def refused(gw: Gateway, method: str, path: str, error: GatewayError) -> Answer:
+    """A request the HTTP parser refused (malformed, head too large): logged and counted like
+    any other; the server writes the answer and closes the connection."""
+    rid = gw.request_ids.next()
+    rec = AccessRecord(request_id=rid, method=method, path=path, status=error.status)
     rec.error = error.code
-    if error.retry_after_s is not None:  # refused for lack of capacity, not a client error
-        gw.metrics.rejections.labels(gw.proxy.model_label(rec.model), error.code).inc()
-    return render(error, rec.request_id)
+    _finish(gw, rec)
+    logger.info("refused a request: %s", error.message)
+    return render(error, rid)
 
 
 def _finish(gw: Gateway, rec: AccessRecord) -> None:
@@ -399,7 +419,7 @@ def _finish(gw: Gateway, rec: AccessRecord) -> None:
 
 
 class GatewayServer:
-    """Both apps on their ports, and the graceful stop that SIGTERM triggers."""
+    """Both ports, and the graceful stop that SIGTERM triggers."""
 
     def __init__(
         self,
@@ -411,24 +431,25 @@ class GatewayServer:
         config_path: Path | None = None,
     ) -> None:
         self.cfg = cfg
-        self.app = build_app(cfg, clock=clock, rng=rng, registry=registry, config_path=config_path)
-        self.gateway = self.app[GATEWAY]
-        self.admin_app = build_admin_app(self.gateway)
-        # handler_cancellation: a client that disconnects cancels its handler at once, which
-        # closes the upstream request and releases the replica (see proxy.py).
-        self._runner = web.AppRunner(
-            self.app,
-            handler_cancellation=True,
-            access_log=None,
-            shutdown_timeout=cfg.shutdown.drain_s,
-            keepalive_timeout=cfg.listen.header_timeout_s,  # aiohttp's only slow-loris bound
+        gw = build_gateway(cfg, clock=clock, rng=rng, registry=registry, config_path=config_path)
+        self.gateway = gw
+        self.admin_app = build_admin_app(gw)
+        listen = cfg.listen
+        limits = Limits(
+            max_body_bytes=cfg.upstream.max_body_bytes,
+            header_timeout_s=listen.header_timeout_s,
+            body_timeout_s=listen.body_timeout_s,
+        )
+        self._http = HttpServer(
+            functools.partial(handle, gw), limits, functools.partial(refused, gw)
         )
         self._admin_runner = web.AppRunner(self.admin_app, access_log=None, shutdown_timeout=1.0)
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        await self._runner.setup()
+        self._tasks = _start_background(self.gateway)
         listen = self.cfg.listen
-        await web.TCPSite(self._runner, listen.host, listen.port, backlog=listen.backlog).start()
+        await self._http.start(listen.host, listen.port, backlog=listen.backlog)
         await self._admin_runner.setup()
         admin = self.cfg.admin
         await web.TCPSite(self._admin_runner, admin.host, admin.port).start()
@@ -442,11 +463,12 @@ class GatewayServer:
 
     @property
     def port(self) -> int:
-        return _bound_port(self._runner)
+        return self._http.port
 
     @property
     def admin_port(self) -> int:
-        return _bound_port(self._admin_runner)
+        address = self._admin_runner.addresses[0]
+        return int(address[1])
 
     async def stop(self) -> None:
         """Report not ready, stop accepting, drain in-flight requests, close."""
@@ -461,11 +483,7 @@ class GatewayServer:
             gw.pool.total_inflight(),
             self.cfg.shutdown.drain_s,
         )
-        await self._runner.cleanup()
+        await self._http.shutdown(self.cfg.shutdown.drain_s)
+        await _stop_background(gw, self._tasks)
         await self._admin_runner.cleanup()
         logger.info("shutdown complete")
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    address = runner.addresses[0]
-    return int(address[1])

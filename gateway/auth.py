@@ -40,13 +40,12 @@ import hmac
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 import msgspec.yaml
-from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.errors import ConfigError, GatewayError
@@ -294,32 +293,6 @@ def _read_bytes(path: Path) -> bytes:
     if len(data) > _MAX_FILE_BYTES:
         raise ValueError(f"{path} is larger than {_MAX_FILE_BYTES} bytes")
     return data
-
-
-AUTH_KEY = web.RequestKey("api_key", ApiKey)  # set by ``auth_middleware`` on success
-
-
-def auth_middleware(store: KeyStore) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Authenticates every request of the proxy app and holds the key's concurrency slot.
-
-    Placed inside the request middleware, so its errors are rendered (OpenAI shape) and
-    access-logged like any other, before the body is read.
-    """
-
-    @web.middleware
-    async def middleware(
-        request: web.Request,
-        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-    ) -> web.StreamResponse:
-        key = store.authenticate(request.headers.get("Authorization"))
-        store.acquire(key)
-        try:
-            request[AUTH_KEY] = key
-            return await handler(request)
-        finally:
-            store.release(key)
-
-    return middleware
 
 
 class UpstreamCredentials:

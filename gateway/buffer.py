@@ -44,8 +44,8 @@ evicted (sheddable)        429                      429                request_s
 buffer off (a bound is 0)  429 queue_full           503 no_replica
 =========================  =======================  =================  ================
 
-A client that disconnects while queued leaves the queue at once: its handler is cancelled
-(``handler_cancellation``) inside ``acquire``, which removes the waiter, and if a replica had
+A client that disconnects while queued leaves the queue at once: its connection cancels its
+handler (``http_server.py``) inside ``acquire``, which removes the waiter, and if a replica had
 already been picked for it in the same instant, releases that replica.
 
 Keep-alives (``buffer.keepalive_interval_s`` > 0): a *streaming* request that is still waiting
@@ -71,11 +71,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
-from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from gateway.config import BufferConfig, SaturationConfig
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, NoReplicaAvailable
+from gateway.http_server import Request, ResponseStream
 from gateway.pool import ReplicaPool
 from gateway.router import Router
 from policies.types import Decision, RequestInfo, Saturation
@@ -83,7 +83,7 @@ from policies.types import Decision, RequestInfo, Saturation
 logger = logging.getLogger(__name__)
 
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
-_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+_SSE_HEADERS = (("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"))
 
 
 class _RateLimited(GatewayError):
@@ -132,36 +132,31 @@ class SseKeepAlive:
     """The early-committed SSE answer of one waiting streaming request."""
 
     def __init__(
-        self, request: web.Request, request_id: str, *, interval_s: float, since: float
+        self, request: Request, request_id: str, *, interval_s: float, since: float
     ) -> None:
         self._request = request
         self._request_id = request_id
         self._interval_s = interval_s
         self._next = since + interval_s
-        self.response: web.StreamResponse | None = None  # set once committed
+        self.response: ResponseStream | None = None  # set once committed
 
     def due_in(self, now: float) -> float:
         return self._next - now
 
     async def send(self, now: float) -> None:
-        """One keep-alive comment, preparing the 200 SSE response first if needed."""
+        """One keep-alive comment, committing the 200 SSE response first if needed."""
         if self.response is None:
-            resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
-            resp.headers["x-request-id"] = self._request_id
-            await resp.prepare(self._request)
-            self.response = resp
-        await self.response.write(KEEPALIVE_COMMENT)
+            headers = [*_SSE_HEADERS, ("x-request-id", self._request_id)]
+            self.response = self._request.stream(200, headers)
+        self.response.write(KEEPALIVE_COMMENT)
         self._next = now + self._interval_s
+        await self.response.drain()
 
-    async def fail(self, error_body: bytes) -> web.StreamResponse:
+    def fail(self, error_body: bytes) -> None:
         """End the committed stream with one error event (an OpenAI error object)."""
         assert self.response is not None, "only a committed answer fails in-stream"
-        await self.response.write(b"data: " + error_body + b"\n\n")
-        await self.response.write_eof()
-        return self.response
-
-
-KEEPALIVE = web.RequestKey("kvgate_keepalive", SseKeepAlive)
+        self.response.write(b"data: " + error_body + b"\n\n")
+        self.response.end()
 
 
 def upstream_error_body(status: int, body: bytes) -> bytes:
@@ -213,7 +208,7 @@ class RequestBuffer:
             raise InvalidRequest(f"unknown {name} {value!r}: one of {known}")
         return priority
 
-    def keepalive(self, request: web.Request, request_id: str, since: float) -> SseKeepAlive | None:
+    def keepalive(self, request: Request, request_id: str, since: float) -> SseKeepAlive | None:
         interval = self._cfg.keepalive_interval_s
         if interval <= 0:
             return None

@@ -52,7 +52,7 @@ class ListenConfig(_Base, frozen=True):
     # The whole request body must arrive within this time of the handler starting (408).
     body_timeout_s: Seconds = 60.0
     # Connections accepted by the kernel but not yet by the gateway (listen(2) backlog; the
-    # kernel caps it at net.core.somaxconn). aiohttp's 128 overflows under connection storms:
+    # kernel caps it at net.core.somaxconn). The usual 128 overflows under connection storms:
     # the clients then see resets and connect timeouts.
     backlog: PositiveInt = 2048
 

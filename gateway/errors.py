@@ -8,6 +8,7 @@ the Server-Sent Event that ends a stream which failed after its first byte.
 
 Invariants: aiohttp/asyncio exceptions are translated into these classes in ``upstream.py`` only
 (with ``raise ... from exc``); nothing else in ``gateway/`` matches on aiohttp exception types.
+``render`` returns status, headers and body; the HTTP server (``http_server.py``) writes them.
 ``ConfigError`` is for startup only and never becomes an HTTP response.
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import orjson
-from aiohttp import web
 
 
 class ConfigError(Exception):
@@ -78,6 +78,16 @@ class RequestTooLarge(GatewayError):
     status, code = 413, "request_too_large"
 
 
+class RequestTimeout(GatewayError):
+    """The request body did not arrive within ``listen.body_timeout_s`` (slow client)."""
+
+    status, code = 408, "request_timeout"
+
+
+class HeadTooLarge(GatewayError):
+    status, code = 431, "request_header_fields_too_large"
+
+
 class UnsupportedMediaType(GatewayError):
     status, code = 415, "unsupported_media_type"
 
@@ -120,28 +130,18 @@ class UpstreamResponseInvalid(GatewayError):
     status, code = 502, "upstream_protocol"
 
 
-def render(error: GatewayError, request_id: str | None) -> web.Response:
-    headers = {"Content-Type": "application/json"}
+Answer = tuple[int, list[tuple[str, str]], bytes]  # status, headers, body
+
+
+def render(error: GatewayError, request_id: str | None) -> Answer:
+    headers = [("Content-Type", "application/json")]
     if request_id is not None:
-        headers["x-request-id"] = request_id
+        headers.append(("x-request-id", request_id))
     if error.retry_after_s is not None:
-        headers["Retry-After"] = str(error.retry_after_s)
-    return web.Response(status=error.status, body=error.body(), headers=headers)
+        headers.append(("Retry-After", str(error.retry_after_s)))
+    return error.status, headers, error.body()
 
 
 def sse_error_event(error: GatewayError) -> bytes:
     """A final ``data:`` event the openai SDK raises as ``APIError`` (it checks ``error``)."""
     return b"data: " + error.body() + b"\n\n"
-
-
-def from_http_exception(exc: web.HTTPException) -> GatewayError:
-    """aiohttp's routing errors (unknown path, wrong method) in the same shape as ours."""
-    if exc.status == 404:
-        return NotFound(f"no route for this path: {exc.reason}")
-    if exc.status == 405:
-        return MethodNotAllowed("method not allowed for this path")
-    if exc.status == 413:
-        return RequestTooLarge("request body too large")
-    if exc.status < 500:
-        return InvalidRequest(exc.reason)
-    return GatewayError(exc.reason)

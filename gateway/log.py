@@ -38,11 +38,13 @@ class AccessRecord:
     ttfb_s: float | None = None  # time to the first response byte sent to the client
     attempts: int = 0
     error: str | None = None  # GatewayError.code when the gateway produced the status
+    key: str | None = None  # the client API key's name (auth on); never the key itself
     started: float = 0.0  # clock reading at arrival (not logged)
+    priority: int = 0  # the key's priority class value (not logged)
 
     def fields(self) -> dict[str, object]:
         out = asdict(self)
-        del out["started"]
+        del out["started"], out["priority"]
         return out
 
 

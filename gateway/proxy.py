@@ -28,16 +28,13 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from aiohttp import web
-from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
-from gateway.auth import AUTH_KEY, UpstreamCredentials
+from gateway.auth import UpstreamCredentials
 from gateway.buffer import RequestBuffer, SseKeepAlive, upstream_error_body
 from gateway.catalog import ModelCatalog
 from gateway.config import GatewayConfig, PrefixAffinityPolicy
@@ -45,12 +42,12 @@ from gateway.errors import (
     GatewayError,
     ModelRequired,
     NoReplicaAvailable,
-    RequestTooLarge,
     UnsupportedMediaType,
     UpstreamDisconnected,
     sse_error_event,
 )
 from gateway.exporter import GatewayMetrics, ModelLabels
+from gateway.http_server import Request
 from gateway.log import AccessRecord
 from gateway.pool import ReplicaPool
 from gateway.relay import SseRelay
@@ -70,15 +67,9 @@ from policies.types import ReplicaId, RequestInfo
 
 logger = logging.getLogger(__name__)
 
-ACCESS = web.RequestKey("access", AccessRecord)  # filled by the request middleware
 _KEPT_ERROR_BYTES = 64 * 1024  # a 502/503 body kept in case no other replica can be tried
 _RETRY_STATUSES = (502, 503)
-
-
-class RequestTimeout(GatewayError):
-    """The request body did not arrive within ``listen.body_timeout_s`` (slow client)."""
-
-    status, code = 408, "request_timeout"
+_JSON = (("Content-Type", "application/json"),)
 
 
 @dataclass(slots=True)
@@ -112,7 +103,6 @@ class Proxy:
         self._metrics = metrics
         self.labels = ModelLabels(pool, cfg.models.names)
         self._clock = clock
-        self._body_timeout_s = cfg.listen.body_timeout_s
         self._auth = cfg.auth is not None  # priority then comes from the key, not the header
         self._credentials = credentials  # shared with the catalog's control-plane calls
         p = cfg.policy
@@ -120,14 +110,20 @@ class Proxy:
         if router.needs_prefix and isinstance(p, PrefixAffinityPolicy):
             self._prefix = (p.block_chars, p.max_blocks)
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_post("/v1/chat/completions", self._endpoint("chat", "/v1/chat/completions"))
-        app.router.add_post("/v1/completions", self._endpoint("completions", "/v1/completions"))
-        app.router.add_post("/v1/embeddings", self._endpoint("embeddings", "/v1/embeddings"))
-        app.router.add_get("/v1/models", self.models)
+    def routes(self) -> dict[str, tuple[str, Callable[[Request, AccessRecord], Awaitable[None]]]]:
+        """The API paths the gateway serves: path -> (method, handler). Nothing else is ever
+        forwarded (the gateway is not an open proxy)."""
+        return {
+            "/v1/chat/completions": ("POST", self._endpoint("chat", "/v1/chat/completions")),
+            "/v1/completions": ("POST", self._endpoint("completions", "/v1/completions")),
+            "/v1/embeddings": ("POST", self._endpoint("embeddings", "/v1/embeddings")),
+            "/v1/models": ("GET", self.models),
+        }
 
-    async def models(self, _request: web.Request) -> web.Response:
-        return web.Response(body=self._catalog.models_body(), content_type="application/json")
+    async def models(self, request: Request, rec: AccessRecord) -> None:
+        request.respond(
+            200, (*_JSON, ("x-request-id", rec.request_id)), self._catalog.models_body()
+        )
 
     def model_label(self, model: str | None) -> str:
         """The ``model`` metric label: the model if it is served, was served or is configured,
@@ -136,22 +132,19 @@ class Proxy:
 
     def _endpoint(
         self, endpoint: Endpoint, path: str
-    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            return await self._handle(request, endpoint, path)
+    ) -> Callable[[Request, AccessRecord], Awaitable[None]]:
+        async def handle(request: Request, rec: AccessRecord) -> None:
+            await self._handle(request, rec, endpoint, path)
 
         return handle
 
     async def _handle(
-        self, request: web.Request, endpoint: Endpoint, path: str
-    ) -> web.StreamResponse:
-        rec = request[ACCESS]
+        self, request: Request, rec: AccessRecord, endpoint: Endpoint, path: str
+    ) -> None:
         ctype = request.headers.get("Content-Type")
-        if ctype is not None and not _is_json(request.content_type):
-            raise UnsupportedMediaType(
-                f"Content-Type must be application/json, got {request.content_type!r}"
-            )
-        body = await self._read_body(request)
+        if ctype is not None and not _is_json(ctype):
+            raise UnsupportedMediaType(f"Content-Type must be application/json, got {ctype!r}")
+        body = await request.read_body()
         obj = decode_body(body)
         model = requested_model(obj)
         stream = requested_stream(obj)
@@ -168,20 +161,17 @@ class Proxy:
             prefix=self._prefix,
         )
         del obj
-        if self._auth:
-            priority = request[AUTH_KEY].priority or 0
-        else:
-            priority = self._buffer.priority(request.headers)
+        # Under auth the key's class sets the priority and the header is ignored.
+        priority = rec.priority if self._auth else self._buffer.priority(request.headers)
         if priority:
             info = replace(info, priority=priority)
-        # Passed along explicitly: a missed request-key lookup costs a raised KeyError.
         keepalive = self._buffer.keepalive(request, rec.request_id, rec.started) if stream else None
         headers = request_headers(
             request.headers, client_ip=request.remote, request_id=rec.request_id
         )
         self._credentials.apply(headers)
         try:
-            return await self._forward(request, rec, info, path, headers, body, keepalive)
+            await self._forward(request, rec, info, path, headers, body, keepalive)
         except GatewayError as exc:
             committed = _committed(keepalive)
             if committed is None:
@@ -189,32 +179,7 @@ class Proxy:
             rec.error = exc.code
             if exc.retry_after_s is not None:  # as the middleware counts uncommitted refusals
                 self._metrics.rejections.labels(self.model_label(model), exc.code).inc()
-            return await committed.fail(exc.body())
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        limit = self._cfg.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise RequestTooLarge(f"request body exceeds {limit} bytes")
-        content = request.content
-        if content.is_eof():  # the whole body came with the head: no wait, no timer
-            body = content.read_nowait()
-            if len(body) > limit:
-                raise RequestTooLarge(f"request body exceeds {limit} bytes")
-            return body
-        parts: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(self._body_timeout_s):
-                while chunk := await request.content.readany():
-                    size += len(chunk)
-                    if size > limit:
-                        raise RequestTooLarge(f"request body exceeds {limit} bytes")
-                    parts.append(chunk)
-        except TimeoutError:
-            raise RequestTimeout(
-                f"the request body did not arrive within {self._body_timeout_s:g} s"
-            ) from None
-        return b"".join(parts)
+            committed.fail(exc.body())
 
     def _pick_default_model(self) -> str:
         if self._default_model is not None:
@@ -230,14 +195,14 @@ class Proxy:
 
     async def _forward(
         self,
-        request: web.Request,
+        request: Request,
         rec: AccessRecord,
         info: RequestInfo,
         path: str,
         headers: CIMultiDict[str],
         body: bytes,
         keepalive: SseKeepAlive | None,
-    ) -> web.StreamResponse:
+    ) -> None:
         last_error: GatewayError | None = None
         kept: _Kept | None = None
         retry_reason: str | None = None  # why the previous attempt failed
@@ -267,9 +232,9 @@ class Proxy:
                     if up.status >= 500:
                         self._metrics.upstream_errors.labels("http_5xx").inc()
                     if up.status not in _RETRY_STATUSES or attempt == self._cfg.max_attempts:
-                        response, ok = await self._respond(request, rec, rid, up, keepalive)
+                        ok = await self._respond(request, rec, rid, up, keepalive)
                         healthy = ok  # False also for a stream the replica broke off
-                        return response
+                        return
                     kept, last_error = await self._keep(up), None
                     retry_reason = f"upstream_{up.status}"
                     logger.info("replica %s answered %d; trying another", rid, up.status)
@@ -290,8 +255,11 @@ class Proxy:
             committed = _committed(keepalive)
             if committed is not None:
                 rec.error = "upstream_status"
-                return await committed.fail(upstream_error_body(kept.status, kept.body))
-            return web.Response(status=kept.status, headers=kept.headers, body=kept.body)
+                committed.fail(upstream_error_body(kept.status, kept.body))
+                return
+            headers_out = [*kept.headers.items(), ("x-request-id", rec.request_id)]
+            request.respond(kept.status, headers_out, kept.body)
+            return
         if last_error is not None:
             raise last_error
         raise NoReplicaAvailable(f"no replica can take a request for model {info.model!r} now")
@@ -299,12 +267,12 @@ class Proxy:
     async def _open(
         self,
         rid: ReplicaId,
-        request: web.Request,
+        request: Request,
         path: str,
         headers: CIMultiDict[str],
         body: bytes,
     ) -> ReplicaResponse:
-        query = request.rel_url.raw_query_string
+        query = request.query
         try:
             return await self._client().open(
                 self._pool.url(rid),
@@ -326,20 +294,21 @@ class Proxy:
 
     async def _respond(
         self,
-        request: web.Request,
+        request: Request,
         rec: AccessRecord,
         rid: ReplicaId,
         up: ReplicaResponse,
         keepalive: SseKeepAlive | None,
-    ) -> tuple[web.StreamResponse, bool]:
+    ) -> bool:
+        """Relay the replica's answer; whether the replica served it well."""
         committed = _committed(keepalive)
         if up.content_type == "text/event-stream":
             return await self._stream(request, rec, rid, up, committed)
-
         if committed is not None:  # an error answer; the client already has a 200 stream
             rec.error = "upstream_status"
             body = await self._keep(up)
-            return await committed.fail(upstream_error_body(up.status, body.body)), up.status < 500
+            committed.fail(upstream_error_body(up.status, body.body))
+            return up.status < 500
         return await self._buffered(request, rec, rid, up)
 
     def _first_byte(self, rec: AccessRecord) -> None:
@@ -347,25 +316,23 @@ class Proxy:
 
     async def _stream(
         self,
-        request: web.Request,
+        request: Request,
         rec: AccessRecord,
         rid: ReplicaId,
         up: ReplicaResponse,
         committed: SseKeepAlive | None,
-    ) -> tuple[web.StreamResponse, bool]:
+    ) -> bool:
         if committed is not None and committed.response is not None:
             resp = committed.response  # 200 and SSE headers went out while the request waited
         else:
-            resp = _StreamedResponse(status=up.status, headers=response_headers(up.headers))
-            resp.headers["x-request-id"] = rec.request_id
-        writer = await resp.prepare(request)
-        transport = request.transport
-        if not isinstance(writer, StreamWriter) or transport is None or transport.is_closing():
+            headers = [*response_headers(up.headers).items(), ("x-request-id", rec.request_id)]
+            resp = request.stream(up.status, headers)
+        transport = resp.transport
+        if transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
         # From here on the replica's bytes go to the client's transport from inside the replica
-        # connection's callbacks (gateway/relay.py): no task switch or future per chunk. The
-        # writer's framing is the one to follow (chunked unless the client speaks HTTP/1.0).
-        relay = SseRelay(transport, chunked=writer.chunked, source=up)
+        # connection's callbacks (gateway/relay.py): no task switch or future per chunk.
+        relay = SseRelay(transport, chunked=resp.chunked, source=up)
         first = relay.take_first(up.first)
         self._first_byte(rec)
         ttft = rec.ttfb_s or 0.0
@@ -373,19 +340,16 @@ class Proxy:
         self._metrics.first_token(label, ttft)
         ok = up.status < 500
         try:
-            if first:
-                await resp.write(first)  # with the response head, in one write
-            else:
-                writer.send_headers()
+            resp.write(first)  # with the response head, in one write
             up.relay_to(relay)
-            error = await relay.run(writer.drain)
+            error = await relay.run(resp.drain)
             if error is not None:
                 self._metrics.upstream_errors.labels("disconnect").inc()
                 rec.error = error.code
                 logger.warning("stream from %s failed after its first byte: %s", rid, error.message)
-                await resp.write(sse_error_event(error))
+                resp.write(sse_error_event(error))
                 ok = False
-            await resp.write_eof()
+            resp.end()
         finally:
             self._metrics.stream_finished(
                 label,
@@ -394,26 +358,27 @@ class Proxy:
                 tail=relay.before + relay.last,
                 chat=rec.path == "/v1/chat/completions",
             )
-        return resp, ok
+        return ok
 
     async def _buffered(
-        self, request: web.Request, rec: AccessRecord, rid: ReplicaId, up: ReplicaResponse
-    ) -> tuple[web.StreamResponse, bool]:
+        self, request: Request, rec: AccessRecord, rid: ReplicaId, up: ReplicaResponse
+    ) -> bool:
         parts = [up.first]
         size = len(up.first)
         try:
             while size <= self._cfg.max_buffered_response_bytes:
                 chunk = await up.next_chunk()
                 if not chunk:
-                    body = b"".join(parts)
-                    resp = web.Response(
-                        status=up.status, headers=response_headers(up.headers), body=body
-                    )
-                    resp.headers["x-request-id"] = rec.request_id
+                    body = parts[0] if len(parts) == 1 else b"".join(parts)
+                    headers = [
+                        *response_headers(up.headers).items(),
+                        ("x-request-id", rec.request_id),
+                    ]
                     self._first_byte(rec)
+                    request.respond(up.status, headers, body)
                     if up.status == 200:
                         self._metrics.response_finished(self.model_label(rec.model), body)
-                    return resp, up.status < 500
+                    return up.status < 500
                 parts.append(chunk)
                 size += len(chunk)
         except UpstreamDisconnected:
@@ -423,45 +388,40 @@ class Proxy:
 
     async def _pass_through(
         self,
-        request: web.Request,
+        request: Request,
         rec: AccessRecord,
         rid: ReplicaId,
         up: ReplicaResponse,
         parts: list[bytes],
-    ) -> tuple[web.StreamResponse, bool]:
+    ) -> bool:
         # Too large to hold: stream it, with the replica's length so a client detects truncation.
-        resp = web.StreamResponse(status=up.status, headers=response_headers(up.headers))
         length = up.headers.get("Content-Length")
-        if length is not None and length.isdigit():
-            resp.content_length = int(length)
-        resp.headers["x-request-id"] = rec.request_id
-        await resp.prepare(request)
+        headers = [*response_headers(up.headers).items(), ("x-request-id", rec.request_id)]
+        resp = request.stream(
+            up.status,
+            headers,
+            length=int(length) if length is not None and length.isdigit() else None,
+        )
         self._first_byte(rec)
         for part in parts:
-            await resp.write(part)
+            resp.write(part)
+        await resp.drain()
         before, last = b"", parts[-1]  # the usage object is at the end of the body
         try:
             while chunk := await up.next_chunk():
-                await resp.write(chunk)
+                resp.write(chunk)
+                await resp.drain()
                 before, last = last, chunk
         except UpstreamDisconnected as exc:
             self._metrics.upstream_errors.labels("disconnect").inc()
             rec.error = exc.code
             logger.warning("response from %s failed after its first byte: %s", rid, exc.message)
-            if request.transport is not None:
-                request.transport.close()  # the client sees a broken response, never a short 200
-            return resp, False
-        await resp.write_eof()
+            resp.abort()  # the client sees a broken response, never a short 200
+            return False
+        resp.end()
         if up.status == 200:
             self._metrics.response_finished(self.model_label(rec.model), before + last)
-        return resp, up.status < 500
-
-
-class _StreamedResponse(web.StreamResponse):
-    """A streamed answer whose head goes out with its first events, in one write (aiohttp's
-    ``StreamResponse`` sends the head on ``prepare``, a separate syscall and packet)."""
-
-    _send_headers_immediately = False
+        return up.status < 500
 
 
 def _committed(keepalive: SseKeepAlive | None) -> SseKeepAlive | None:
@@ -470,4 +430,5 @@ def _committed(keepalive: SseKeepAlive | None) -> SseKeepAlive | None:
 
 
 def _is_json(content_type: str) -> bool:
-    return content_type == "application/json" or content_type.endswith("+json")
+    mime = content_type.partition(";")[0].strip().lower()
+    return mime == "application/json" or mime.endswith("+json")

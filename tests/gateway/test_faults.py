@@ -16,10 +16,11 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
 from benchmarks.sim.server import ReplicaSettings, SimReplica
-from gateway.app import GatewayServer, request_middleware
+from gateway.app import GatewayServer
+from gateway.http_server import Request
+from gateway.log import AccessRecord
 from gateway.scraper import MAX_PAGE_BYTES
 from gateway.upstream import MAX_CONTROL_BODY_BYTES
 from policies.types import ReplicaId
@@ -310,38 +311,27 @@ async def test_a_huge_model_list_is_refused_without_buffering_it(
 async def test_a_client_gone_mid_write_is_a_quiet_499(
     start_replicas: StartReplicas, start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The request middleware, in a real server, in front of a handler whose client's
-    connection closes between two writes (what uvloop reports when a client's FIN arrives in
-    the same loop iteration as the next upstream chunk): the write raises a connection reset,
-    which must end as a 499 in the metrics, not as a 500 with a traceback in the error log."""
+    """The request wrapper, in the real server, in front of a route whose client's connection
+    closes between two writes (what uvloop reports when a client's FIN arrives in the same loop
+    iteration as the next upstream chunk): waiting for the client's buffer then raises a
+    connection reset, which must end as a 499 in the metrics, not as a 500 with a traceback in
+    the error log."""
     (replica,) = await start_replicas(1)
     server = await start_gateway([replica.url])
-    gw = server.gateway
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(b"data: 1\n\n")
-        assert request.transport is not None
-        request.transport.close()  # closing, not yet closed: the handler is not cancelled
-        await resp.write(b"data: 2\n\n")  # raises ClientConnectionResetError
-        return resp
+    async def route(request: Request, _rec: AccessRecord) -> None:
+        resp = request.stream(200, [("Content-Type", "text/event-stream")])
+        resp.write(b"data: 1\n\n")
+        resp.transport.close()  # closing, not yet closed: the handler is not cancelled
+        resp.write(b"data: 2\n\n")
+        await resp.drain()  # raises ConnectionResetError
 
-    app = web.Application(middlewares=[request_middleware(gw)])
-    app.router.add_post(CHAT, handler)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    server.gateway.routes[CHAT] = ("POST", route)
     caplog.set_level(logging.INFO)
-    try:
-        async with aiohttp.ClientSession() as http:
-            with pytest.raises(aiohttp.ClientPayloadError):
-                async with http.post(f"http://127.0.0.1:{port}{CHAT}", json={}) as resp:
-                    await resp.read()
-    finally:
-        await runner.cleanup()
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with http.post(f"http://127.0.0.1:{server.port}{CHAT}", json={}) as resp:
+                await resp.read()
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert sample(server, "kvgate_requests_total", model="", code="499") == 1
     assert sample(server, "kvgate_requests_total", model="", code="500") == 0

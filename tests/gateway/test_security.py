@@ -139,6 +139,9 @@ async def test_keys_are_never_logged(
     await server.stop()  # flushes the access lines of the requests above
     access = [r for r in caplog.records if r.name == "gateway.access"]
     assert len(access) == 3
+    # Which key made each request is logged by its name; the unknown key has none.
+    keys_logged = [PlainFormatter().format(r).rsplit(" key=", 1)[1] for r in access]
+    assert sorted(keys_logged) == ["-", "team-a", "team-a"]
     for record in caplog.records:
         for text in (PlainFormatter().format(record), JsonFormatter().format(record)):
             assert KEY_A not in text and KEY_B not in text
