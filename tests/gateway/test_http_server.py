@@ -138,8 +138,9 @@ async def test_absolute_targets_use_only_their_path_and_upgrade_headers_are_igno
     status, _ = await raw_request(server.port, absolute)
     assert status == 200  # answered by the one replica discovery knows, not "elsewhere"
     h2c = _chat(
-        replica.model, extra="Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
-        "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+        replica.model,
+        extra="Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
     )
     status, raw = await raw_request(server.port, h2c)
     assert status == 200 and raw.startswith(b"HTTP/1.1 200")
