@@ -26,20 +26,25 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Generic, TypeVar
+from bisect import bisect_left
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 
 from aiohttp import web
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from gateway.pool import ReplicaPool
 from gateway.usage import stream_token_estimate, usage_tokens
@@ -58,32 +63,115 @@ _ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
 _QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _DECISION_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2)
 
-_M = TypeVar("_M", Counter, Histogram)
+
+def _le(bound: float) -> str:
+    """A bucket's ``le`` label exactly as ``prometheus_client.Histogram`` writes it."""
+    return str(floatToGoString(bound))  # type: ignore[no-untyped-call]  # untyped in the library
 
 
-class _Children(Generic[_M]):
-    """A metric family's children by label values, cached: ``family.labels(...)`` takes a lock
-    and builds a key on every call (~1.5-3 µs here), a dict hit costs ~50 ns."""
+class CounterChild:
+    """One labelled counter: a plain float, updated on the event loop only."""
 
-    __slots__ = ("_children", "_family")
+    __slots__ = ("value",)
 
-    def __init__(self, family: _M) -> None:
-        self._family: _M = family
-        self._children: dict[tuple[str, ...], _M] = {}
+    def __init__(self) -> None:
+        self.value = 0.0
 
-    def __call__(self, *labels: str) -> _M:
-        child = self._children.get(labels)
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class HistogramChild:
+    """One labelled histogram: a count per bucket (found by bisection) and the sum."""
+
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is the +Inf overflow
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self._bounds, amount)] += 1
+        self.sum += amount
+
+
+class FastCounter(Collector):
+    """A labelled counter family for the per-request path, exposed like ``Counter``.
+
+    ``prometheus_client``'s children take a lock and wrap a ``MutexValue`` per update; these
+    are plain numbers, safe because every update and every collection (the admin port's
+    ``/metrics`` handler) runs on the one event-loop thread.
+    """
+
+    def __init__(
+        self, name: str, doc: str, labels: Iterable[str], *, registry: CollectorRegistry
+    ) -> None:
+        self._name = f"{NAMESPACE}_{name}"
+        self._doc = doc
+        self._labels = list(labels)
+        self._children: dict[tuple[str, ...], CounterChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> CounterChild:
+        child = self._children.get(values)
         if child is None:
-            child = self._children[labels] = self._family.labels(*labels)
+            child = self._children[values] = CounterChild()
         return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labels)
+        for values, child in self._children.items():
+            family.add_metric(list(values), child.value)
+        yield family
+
+
+class FastHistogram(Collector):
+    """A labelled histogram family for the per-request path, exposed like ``Histogram``
+    (same bucket labels); lock-free for the reason ``FastCounter`` gives."""
+
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labels: Iterable[str],
+        buckets: tuple[float, ...],
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = f"{NAMESPACE}_{name}"
+        self._doc = doc
+        self._labels = list(labels)
+        self._bounds = tuple(float(b) for b in buckets)
+        self._le = [_le(b) for b in self._bounds] + ["+Inf"]
+        self._children: dict[tuple[str, ...], HistogramChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> HistogramChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = HistogramChild(self._bounds)
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labels)
+        for values, child in self._children.items():
+            total = 0
+            buckets: list[tuple[str, float]] = []
+            for le, n in zip(self._le, child.counts, strict=True):
+                total += n
+                buckets.append((le, total))
+            family.add_metric(list(values), buckets, child.sum)
+        yield family
 
 
 class GatewayMetrics:
     """The gateway's own counters and histograms, and the per-model in-flight count.
 
     The per-request calls (``queued``, ``first_token``, ``stream_finished``,
-    ``response_finished``, ``request_finished``) reach cached children; rarer events use the
-    families (``retries.labels(...)``) directly.
+    ``response_finished``, ``request_finished``) and the router's decision metrics use the
+    lock-free families above; rarer events (retries, upstream errors, rejections, scrape
+    errors) use ``prometheus_client`` families directly.
     """
 
     def __init__(self, registry: CollectorRegistry, *, version: str, policy: str) -> None:
@@ -98,14 +186,16 @@ class GatewayMetrics:
         def counter(name: str, doc: str, labels: Iterable[str]) -> Counter:
             return Counter(name, doc, labels, namespace=NAMESPACE, registry=registry)
 
+        # Updated per request: lock-free families (``FastCounter``/``FastHistogram``).
+        def fast_counter(name: str, doc: str, labels: Iterable[str]) -> FastCounter:
+            return FastCounter(name.removesuffix("_total"), doc, labels, registry=registry)
+
         def histogram(
             name: str, doc: str, labels: Iterable[str], buckets: tuple[float, ...]
-        ) -> Histogram:
-            return Histogram(
-                name, doc, labels, namespace=NAMESPACE, registry=registry, buckets=buckets
-            )
+        ) -> FastHistogram:
+            return FastHistogram(name, doc, labels, buckets, registry=registry)
 
-        self.requests = counter(
+        self.requests = fast_counter(
             "requests_total",
             "Finished client requests, by model and HTTP status.",
             ["model", "code"],
@@ -136,17 +226,17 @@ class GatewayMetrics:
             ["model"],
             _QUEUE_BUCKETS,
         )
-        self.prompt_tokens = counter(
+        self.prompt_tokens = fast_counter(
             "prompt_tokens_total",
             "Prompt tokens, from the usage that replicas report (absent usage adds nothing).",
             ["model"],
         )
-        self.generation_tokens = counter(
+        self.generation_tokens = fast_counter(
             "generation_tokens_total",
             "Generated tokens, from the reported usage, or counted from the stream's events.",
             ["model"],
         )
-        self.routing_decisions = counter(
+        self.routing_decisions = fast_counter(
             "routing_decisions_total",
             "Routing decisions by policy and reason.",
             ["policy", "reason"],
@@ -190,13 +280,13 @@ class GatewayMetrics:
             registry=registry,
         )
         build_info.labels(version, policy).set(1)
-        self._requests = _Children(self.requests)
-        self._duration = _Children(self.request_duration)
-        self._ttft = _Children(self.time_to_first_token)
-        self._itl = _Children(self.inter_token_latency)
-        self._queue_wait = _Children(self.queue_wait)
-        self._prompt = _Children(self.prompt_tokens)
-        self._generation = _Children(self.generation_tokens)
+        self._requests = self.requests.labels
+        self._duration = self.request_duration.labels
+        self._ttft = self.time_to_first_token.labels
+        self._itl = self.inter_token_latency.labels
+        self._queue_wait = self.queue_wait.labels
+        self._prompt = self.prompt_tokens.labels
+        self._generation = self.generation_tokens.labels
 
     # -- per-request accounting (called once per request, never per chunk) ------------------
 

@@ -31,9 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from prometheus_client import Counter
-
-from gateway.exporter import GatewayMetrics
+from gateway.exporter import CounterChild, GatewayMetrics
 from gateway.health import HealthTracker
 from gateway.pool import ReplicaPool
 from policies.base import SLOW_START_MIN_WEIGHT, Policy
@@ -72,7 +70,7 @@ class Router:
         # Children by reason, cached: ``labels()`` takes a lock and builds a key (~2 µs) on every
         # call, and this runs on every decision.
         self._decision_family = metrics.routing_decisions
-        self._decision_counts: dict[str, Counter] = {}
+        self._decision_counts: dict[str, CounterChild] = {}
         self._decision_time = metrics.routing_decision_duration.labels(policy.name)
         pool.add_listener(self._membership_changed)
 
@@ -102,7 +100,7 @@ class Router:
         self._decided(decision.reason).inc()
         return decision
 
-    def _decided(self, reason: str) -> Counter:
+    def _decided(self, reason: str) -> CounterChild:
         child = self._decision_counts.get(reason)
         if child is None:
             child = self._decision_counts[reason] = self._decision_family.labels(
