@@ -334,7 +334,7 @@ def _supervised(
 async def handle(gw: Gateway, request: Request) -> None:
     """One request, start to end: its id, authentication, route, the proxy, the one place its
     errors are rendered, its access line and metrics."""
-    given = request.headers.get("x-request-id", "")
+    given = request.header("x-request-id")
     rid = given if given and _REQUEST_ID.fullmatch(given) else gw.request_ids.next()
     token = request_id_var.set(rid)
     rec = AccessRecord(request_id=rid, method=request.method, path=request.path, started=gw.clock())
@@ -371,7 +371,7 @@ async def _answered(gw: Gateway, request: Request, rec: AccessRecord) -> Gateway
         if store is None:
             await _route(gw, request, rec)
             return None
-        key = store.authenticate(request.headers.get("Authorization"))
+        key = store.authenticate(request.header("Authorization"))
         rec.key, rec.priority = key.name, key.priority or 0
         store.acquire(key)
         try:

@@ -321,11 +321,15 @@ class UpstreamCredentials:
                 raise ConfigError(f"upstream.api_key_file: {exc}") from exc
             self._next_check = clock() + reload_interval_s
 
-    def apply(self, headers: CIMultiDict[str]) -> None:
-        if not self._forward:
-            headers.popall("Authorization", None)
+    @property
+    def forward_client_auth(self) -> bool:
+        return self._forward
+
+    def authorization(self) -> str | None:
+        """The ``Authorization`` value the gateway presents to replicas (``Bearer <token>``
+        from ``api_key_file``, re-read when due), or None when none is configured."""
         if self._file is None:
-            return
+            return None
         now = self._clock()
         if now >= self._next_check:
             self._next_check = now + self._interval
@@ -333,7 +337,14 @@ class UpstreamCredentials:
                 self._read()
             except (OSError, ValueError) as exc:
                 logger.error("upstream.api_key_file: cannot reload, keeping the last: %s", exc)
-        headers["Authorization"] = f"Bearer {self._token}"
+        return f"Bearer {self._token}"
+
+    def apply(self, headers: CIMultiDict[str]) -> None:
+        if not self._forward:
+            headers.popall("Authorization", None)
+        value = self.authorization()
+        if value is not None:
+            headers["Authorization"] = value
 
     def _read(self) -> None:
         assert self._file is not None

@@ -71,7 +71,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
-from multidict import CIMultiDictProxy
 
 from gateway.config import BufferConfig, SaturationConfig
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, NoReplicaAvailable
@@ -196,10 +195,11 @@ class RequestBuffer:
 
     # -- request side ----------------------------------------------------------------------
 
-    def priority(self, headers: CIMultiDictProxy[str]) -> int:
-        """The request's priority class value (0 without the header)."""
+    def priority(self, header: Callable[[str], str | None]) -> int:
+        """The request's priority class value (0 without the header); ``header`` looks a
+        request header up by name."""
         name = self._cfg.priority_header
-        value = headers.get(name) if name is not None else None
+        value = header(name) if name is not None else None
         if value is None:
             return 0
         priority = self._cfg.priority_classes.get(value.strip().lower())

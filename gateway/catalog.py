@@ -46,7 +46,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
-from multidict import CIMultiDict
 
 from gateway.auth import UpstreamCredentials
 from gateway.errors import GatewayError, UpstreamResponseInvalid
@@ -117,11 +116,7 @@ class ModelCatalog:
         Asked per call: the credentials re-read their file when it changes. A control-plane
         call has no client header to forward, so this is exactly what the proxy would add.
         """
-        if self._credentials is None:
-            return None
-        headers: CIMultiDict[str] = CIMultiDict()
-        self._credentials.apply(headers)
-        return headers.get("Authorization")
+        return None if self._credentials is None else self._credentials.authorization()
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:  # created lazily: it must belong to the running loop

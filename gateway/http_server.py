@@ -165,6 +165,20 @@ class Request:
         self.status = 0
 
     @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """The header lines as the client sent them (names in their case), in order."""
+        return self._raw_headers
+
+    def header(self, name: str) -> str | None:
+        """The first value of a header (case-insensitive), without building ``headers``."""
+        wanted = name.lower().encode()
+        size = len(wanted)
+        for key, value in self._raw_headers:
+            if len(key) == size and key.lower() == wanted:
+                return value.decode("utf-8", "surrogateescape")
+        return None
+
+    @property
     def headers(self) -> CIMultiDictProxy[str]:
         if self._headers is None:
             self._headers = CIMultiDictProxy(

@@ -62,7 +62,7 @@ from gateway.request_info import (
     with_model,
 )
 from gateway.router import Router
-from gateway.upstream import error_reason, request_headers, response_headers
+from gateway.upstream import error_reason, request_fields, response_headers
 from policies.types import ReplicaId, RequestInfo
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class Proxy:
     async def _handle(
         self, request: Request, rec: AccessRecord, endpoint: Endpoint, path: str
     ) -> None:
-        ctype = request.headers.get("Content-Type")
+        ctype = request.header("Content-Type")
         if ctype is not None and not _is_json(ctype):
             raise UnsupportedMediaType(f"Content-Type must be application/json, got {ctype!r}")
         body = await request.read_body()
@@ -162,14 +162,18 @@ class Proxy:
         )
         del obj
         # Under auth the key's class sets the priority and the header is ignored.
-        priority = rec.priority if self._auth else self._buffer.priority(request.headers)
+        priority = rec.priority if self._auth else self._buffer.priority(request.header)
         if priority:
             info = replace(info, priority=priority)
         keepalive = self._buffer.keepalive(request, rec.request_id, rec.started) if stream else None
-        headers = request_headers(
-            request.headers, client_ip=request.remote, request_id=rec.request_id
+        credentials = self._credentials
+        headers = request_fields(
+            request.raw_headers,
+            client_ip=request.remote,
+            request_id=rec.request_id,
+            forward_auth=credentials.forward_client_auth,
+            authorization=credentials.authorization(),
         )
-        self._credentials.apply(headers)
         try:
             await self._forward(request, rec, info, path, headers, body, keepalive)
         except GatewayError as exc:
@@ -199,7 +203,7 @@ class Proxy:
         rec: AccessRecord,
         info: RequestInfo,
         path: str,
-        headers: CIMultiDict[str],
+        headers: bytes,
         body: bytes,
         keepalive: SseKeepAlive | None,
     ) -> None:
@@ -269,7 +273,7 @@ class Proxy:
         rid: ReplicaId,
         request: Request,
         path: str,
-        headers: CIMultiDict[str],
+        headers: bytes,
         body: bytes,
     ) -> ReplicaResponse:
         query = request.query
@@ -277,7 +281,7 @@ class Proxy:
             return await self._client().open(
                 self._pool.url(rid),
                 f"{path}?{query}" if query else path,
-                headers.items(),
+                headers,
                 body,
                 first_byte_timeout_s=self._cfg.first_byte_timeout_s,
             )

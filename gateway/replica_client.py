@@ -623,21 +623,32 @@ class ReplicaClient:
         self,
         base_url: str,
         path: str,
-        headers: Iterable[tuple[str, str]],
+        headers: Iterable[tuple[str, str]] | bytes,
         body: bytes,
         *,
         first_byte_timeout_s: float,
         method: str = "POST",
     ) -> ReplicaResponse:
         """Send the request; return once the response head and its first body bytes arrived
-        (or the whole response, when its body is empty)."""
+        (or the whole response, when its body is empty). ``headers``: name/value pairs
+        (checked for CR/LF here), or header lines already built as bytes by a caller that
+        guarantees them (``upstream.request_fields``)."""
         tgt = self._targets.get(base_url)
         if tgt is None:
             tgt = self._target(base_url)
-        try:
-            head = build_head(method, tgt.prefix + path, tgt.host_header, headers, len(body))
-        except ValueError as exc:
-            raise UpstreamResponseInvalid(f"cannot forward the request: {exc}") from None
+        if isinstance(headers, bytes):
+            head = b"%b %b HTTP/1.1\r\nHost: %b\r\n%bContent-Length: %d\r\n\r\n" % (
+                method.encode(),
+                (tgt.prefix + path).encode("latin-1"),
+                tgt.host_header.encode(),
+                headers,
+                len(body),
+            )
+        else:
+            try:
+                head = build_head(method, tgt.prefix + path, tgt.host_header, headers, len(body))
+            except ValueError as exc:
+                raise UpstreamResponseInvalid(f"cannot forward the request: {exc}") from None
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()

@@ -4,7 +4,7 @@ aiohttp client exceptions are translated.
 The data path's client is ``gateway/replica_client.py`` (keep-alive connections on asyncio
 protocols, its own errors raised as ``gateway.errors`` classes directly); this module keeps what
 both sides share: which headers are hop-by-hop and how forwarded headers are built
-(``request_headers``/``response_headers``), the ``reason`` label of an upstream error, and the
+(``request_fields``/``response_headers``), the ``reason`` label of an upstream error, and the
 aiohttp-based GET used for model lists (``fetch_json``).
 
 Invariants:
@@ -59,17 +59,54 @@ def _dropped(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset[
     return base | listed if listed else base
 
 
-def request_headers(
-    headers: CIMultiDictProxy[str], *, client_ip: str | None, request_id: str
-) -> CIMultiDict[str]:
-    drop = _dropped(headers, _REQUEST_DROP)
-    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+_REQUEST_DROP_BYTES = frozenset(name.encode() for name in _REQUEST_DROP | {"x-request-id"})
+
+
+def request_fields(
+    raw: list[tuple[bytes, bytes]],
+    *,
+    client_ip: str | None,
+    request_id: str,
+    forward_auth: bool,
+    authorization: str | None,
+) -> bytes:
+    """The header lines of a forwarded request, built from the client's raw header lines in
+    one pass, as bytes (no per-request header dict).
+
+    The client's names and values come from llhttp, which refuses CR, LF and NUL in them; what
+    is added here (the peer address, a validated request id, a token without whitespace) has
+    none either, so the lines cannot split.
+    """
+    drop = _REQUEST_DROP_BYTES
+    for name, value in raw:
+        if len(name) == 10 and name.lower() == b"connection":
+            listed = {token.strip().lower() for token in value.split(b",")}
+            drop = drop | listed
+    lines: list[bytes] = []
+    forwarded: list[bytes] = []
+    typed = False
+    for name, value in raw:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower == b"x-forwarded-for":
+            forwarded.append(value)
+            continue
+        if lower == b"authorization" and (authorization is not None or not forward_auth):
+            continue
+        if lower == b"content-type":
+            typed = True
+        lines.append(b"%b: %b\r\n" % (name, value))
     if client_ip:
-        prior = ", ".join(out.getall("X-Forwarded-For", ()))
-        out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
-    out["x-request-id"] = request_id
-    out.setdefault("Content-Type", "application/json")
-    return out
+        forwarded.append(client_ip.encode())
+    if forwarded:
+        lines.append(b"X-Forwarded-For: %b\r\n" % b", ".join(forwarded))
+    if authorization is not None:
+        lines.append(b"Authorization: %b\r\n" % authorization.encode())
+    if not typed:
+        lines.append(b"Content-Type: application/json\r\n")
+    lines.append(b"x-request-id: %b\r\n" % request_id.encode())
+    return b"".join(lines)
 
 
 def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:

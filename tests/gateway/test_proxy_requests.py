@@ -14,7 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.app import GatewayServer
 from gateway.proxy import _event_boundary
-from gateway.upstream import request_headers, response_headers
+from gateway.upstream import request_fields, response_headers
 from tests.benchmarks.conftest import StartReplicas
 from tests.gateway.conftest import StartGateway, sample
 
@@ -182,32 +182,43 @@ async def test_request_id_is_kept_or_generated(one: tuple[str, GatewayServer]) -
 
 
 def test_hop_by_hop_headers_are_stripped_and_forwarding_headers_set() -> None:
-    incoming = CIMultiDictProxy(
-        CIMultiDict(
-            [
-                ("Host", "gateway:8080"),
-                ("Connection", "keep-alive, X-Secret-Hop"),
-                ("Keep-Alive", "timeout=5"),
-                ("X-Secret-Hop", "1"),
-                ("Transfer-Encoding", "chunked"),
-                ("TE", "trailers"),
-                ("Upgrade", "h2c"),
-                ("Proxy-Authorization", "Basic x"),
-                ("Content-Length", "10"),
-                ("Authorization", "Bearer sk-test"),
-                ("X-Forwarded-For", "10.0.0.1"),
-                ("OpenAI-Organization", "org"),
-            ]
-        )
-    )
-    out = request_headers(incoming, client_ip="127.0.0.1", request_id="rid-1")
-    assert dict(out) == {
-        "Authorization": "Bearer sk-test",
-        "X-Forwarded-For": "10.0.0.1, 127.0.0.1",
-        "OpenAI-Organization": "org",
-        "x-request-id": "rid-1",
-        "Content-Type": "application/json",
-    }
+    incoming = [
+        (b"Host", b"gateway:8080"),
+        (b"Connection", b"keep-alive, X-Secret-Hop"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"X-Secret-Hop", b"1"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"TE", b"trailers"),
+        (b"Upgrade", b"h2c"),
+        (b"Proxy-Authorization", b"Basic x"),
+        (b"Content-Length", b"10"),
+        (b"Authorization", b"Bearer sk-test"),
+        (b"X-Forwarded-For", b"10.0.0.1"),
+        (b"X-Request-Id", b"the-clients"),
+        (b"OpenAI-Organization", b"org"),
+    ]
+
+    def fields(**kw: object) -> list[tuple[str, str]]:
+        args: dict[str, object] = {
+            "client_ip": "127.0.0.1",
+            "request_id": "rid-1",
+            "forward_auth": False,
+            "authorization": None,
+        }
+        out = request_fields(incoming, **(args | kw))  # type: ignore[arg-type]
+        assert out.endswith(b"\r\n")
+        lines = out.decode().split("\r\n")[:-1]
+        return [(k, v) for k, _, v in (line.partition(": ") for line in lines)]
+
+    assert fields() == [
+        ("OpenAI-Organization", "org"),
+        ("X-Forwarded-For", "10.0.0.1, 127.0.0.1"),
+        ("Content-Type", "application/json"),
+        ("x-request-id", "rid-1"),
+    ]
+    assert ("Authorization", "Bearer sk-test") in fields(forward_auth=True)
+    replaced = fields(forward_auth=True, authorization="Bearer upstream")
+    assert [v for k, v in replaced if k == "Authorization"] == ["Bearer upstream"]
     upstream = CIMultiDictProxy(
         CIMultiDict(
             [
