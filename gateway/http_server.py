@@ -90,9 +90,12 @@ class _Dates:
 _dates = _Dates()
 
 
+Headers = Iterable[tuple[str, str]] | bytes  # pairs, or header lines already built as bytes
+
+
 def response_head(
     status: int,
-    headers: Iterable[tuple[str, str]],
+    headers: Headers,
     *,
     length: int | None,
     keep_alive: bool,
@@ -101,14 +104,19 @@ def response_head(
     """The response head as bytes. Header names and values must already be free of CR/LF
     (the gateway's own, or a replica's as ``replica_client`` parsed them)."""
     parts = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"]
-    parts += [f"{k}: {v}\r\n" for k, v in headers]
+    fields = b""
+    if isinstance(headers, bytes):
+        fields = headers
+    else:
+        parts += [f"{k}: {v}\r\n" for k, v in headers]
     if length is not None:
         parts.append(f"Content-Length: {length}\r\n")
     elif chunked:
         parts.append("Transfer-Encoding: chunked\r\n")
     if not keep_alive:
         parts.append("Connection: close\r\n")
-    return "".join(parts).encode("utf-8", "surrogateescape") + _dates.line() + b"\r\n"
+    head = "".join(parts).encode("utf-8", "surrogateescape")
+    return head + fields + _dates.line() + b"\r\n"
 
 
 class Request:
@@ -212,7 +220,7 @@ class Request:
         parts = self._parts
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def respond(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> None:
+    def respond(self, status: int, headers: Headers, body: bytes) -> None:
         """A whole response, in one write."""
         if self.answered:
             raise RuntimeError("the response was already started")
@@ -228,9 +236,7 @@ class Request:
         completed, so the client sees it broken rather than short."""
         self._conn.close()
 
-    def stream(
-        self, status: int, headers: Iterable[tuple[str, str]], *, length: int | None = None
-    ) -> ResponseStream:
+    def stream(self, status: int, headers: Headers, *, length: int | None = None) -> ResponseStream:
         """A response sent in pieces; chunked unless ``length`` is given or the client speaks
         HTTP/1.0 (then the end of the body is the end of the connection)."""
         if self.answered:
@@ -280,7 +286,7 @@ class ResponseStream:
         conn: HttpConnection,
         request: Request,
         status: int,
-        headers: Iterable[tuple[str, str]],
+        headers: Headers,
         length: int | None,
     ) -> None:
         self._conn = conn

@@ -32,8 +32,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from multidict import CIMultiDict
-
 from gateway.auth import UpstreamCredentials
 from gateway.buffer import RequestBuffer, SseKeepAlive, upstream_error_body
 from gateway.catalog import ModelCatalog
@@ -62,7 +60,7 @@ from gateway.request_info import (
     with_model,
 )
 from gateway.router import Router
-from gateway.upstream import error_reason, request_fields, response_headers
+from gateway.upstream import error_reason, request_fields, response_fields
 from policies.types import ReplicaId, RequestInfo
 
 logger = logging.getLogger(__name__)
@@ -75,7 +73,7 @@ _JSON = (("Content-Type", "application/json"),)
 @dataclass(slots=True)
 class _Kept:
     status: int
-    headers: CIMultiDict[str]
+    headers: list[tuple[bytes, bytes]]  # as the replica sent them
     body: bytes
 
 
@@ -261,8 +259,8 @@ class Proxy:
                 rec.error = "upstream_status"
                 committed.fail(upstream_error_body(kept.status, kept.body))
                 return
-            headers_out = [*kept.headers.items(), ("x-request-id", rec.request_id)]
-            request.respond(kept.status, headers_out, kept.body)
+            fields = response_fields(kept.headers, rec.request_id)
+            request.respond(kept.status, fields, kept.body)
             return
         if last_error is not None:
             raise last_error
@@ -294,7 +292,7 @@ class Proxy:
             body = await up.read_rest(_KEPT_ERROR_BYTES)
         except UpstreamDisconnected:
             body = b""
-        return _Kept(up.status, response_headers(up.headers), body)
+        return _Kept(up.status, up.raw_headers, body)
 
     async def _respond(
         self,
@@ -329,8 +327,7 @@ class Proxy:
         if committed is not None and committed.response is not None:
             resp = committed.response  # 200 and SSE headers went out while the request waited
         else:
-            headers = [*response_headers(up.headers).items(), ("x-request-id", rec.request_id)]
-            resp = request.stream(up.status, headers)
+            resp = request.stream(up.status, response_fields(up.raw_headers, rec.request_id))
         transport = resp.transport
         if transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
@@ -374,12 +371,9 @@ class Proxy:
                 chunk = await up.next_chunk()
                 if not chunk:
                     body = parts[0] if len(parts) == 1 else b"".join(parts)
-                    headers = [
-                        *response_headers(up.headers).items(),
-                        ("x-request-id", rec.request_id),
-                    ]
                     self._first_byte(rec)
-                    request.respond(up.status, headers, body)
+                    fields = response_fields(up.raw_headers, rec.request_id)
+                    request.respond(up.status, fields, body)
                     if up.status == 200:
                         self._metrics.response_finished(self.model_label(rec.model), body)
                     return up.status < 500
@@ -399,13 +393,8 @@ class Proxy:
         parts: list[bytes],
     ) -> bool:
         # Too large to hold: stream it, with the replica's length so a client detects truncation.
-        length = up.headers.get("Content-Length")
-        headers = [*response_headers(up.headers).items(), ("x-request-id", rec.request_id)]
-        resp = request.stream(
-            up.status,
-            headers,
-            length=int(length) if length is not None and length.isdigit() else None,
-        )
+        fields = response_fields(up.raw_headers, rec.request_id)
+        resp = request.stream(up.status, fields, length=up.content_length)
         self._first_byte(rec)
         for part in parts:
             resp.write(part)

@@ -124,17 +124,26 @@ class ReplicaResponse:
         "_sink",
         "_size",
         "complete",
+        "content_length",
         "content_type",
         "first",
-        "headers",
+        "raw_headers",
         "status",
     )
 
-    def __init__(self, conn: _Conn, status: int, headers: CIMultiDictProxy[str]) -> None:
+    def __init__(
+        self,
+        conn: _Conn,
+        status: int,
+        raw_headers: list[tuple[bytes, bytes]],
+        *,
+        content_type: str,
+        content_length: int | None,
+    ) -> None:
         self.status = status
-        self.headers = headers
-        ctype = headers.get("Content-Type", "")
-        self.content_type = ctype.partition(";")[0].strip().lower()
+        self.raw_headers = raw_headers  # as the replica sent them (checked: no CR/LF)
+        self.content_type = content_type  # the media type alone, lower case
+        self.content_length = content_length
         self.first = b""
         self.complete = False
         self._conn: _Conn | None = conn
@@ -143,6 +152,17 @@ class ReplicaResponse:
         self._error: GatewayError | None = None
         self._reader: asyncio.Future[None] | None = None
         self._sink: BodySink | None = None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The headers as a case-insensitive mapping (built on demand: the proxy uses
+        ``raw_headers``)."""
+        return CIMultiDictProxy(
+            CIMultiDict(
+                (k.decode("latin-1"), v.decode("utf-8", "surrogateescape"))
+                for k, v in self.raw_headers
+            )
+        )
 
     # -- consumer side ---------------------------------------------------------------------
 
@@ -493,36 +513,47 @@ class _Conn(asyncio.Protocol):
         return consumed
 
     def _start_response(self, head: bytes) -> None:
-        status, version, headers = _parse_head(head)
+        status, version, raw = _parse_head(head)
         if 100 <= status < 200:
             if status == 101:
                 raise _Malformed("unexpected protocol switch")
             return  # an interim response (100 Continue, 103 Early Hints): the real one follows
         keep = version == b"HTTP/1.1"
-        codings = headers.get("Transfer-Encoding")
-        length = headers.getall("Content-Length", None)
-        for token in headers.getall("Connection", ()):
-            if "close" in token.lower():
+        codings: bytes | None = None
+        lengths: set[bytes] = set()
+        ctype = b""
+        for name, value in raw:  # one pass for the few names framing depends on
+            lower = name.lower()
+            if lower == b"content-type":
+                ctype = value
+            elif lower == b"content-length":
+                lengths.add(value)
+            elif lower == b"transfer-encoding":
+                codings = value
+            elif lower == b"connection" and b"close" in value.lower():
                 keep = False
+        length: int | None = None
         if status in (204, 304):
             self._state, self._reusable = _DONE, keep
         elif codings is not None:
-            if codings.rpartition(",")[2].strip().lower() == "chunked":
+            if codings.rpartition(b",")[2].strip().lower() == b"chunked":
                 self._state = _SIZE
             else:
                 self._state, keep = _UNTIL_CLOSE, False
-            keep = keep and length is None
-        elif length is not None:
-            values = {v.strip() for v in length}
-            value = values.pop()
-            if values or not value.isdigit():
+            keep = keep and not lengths
+        elif lengths:
+            value = lengths.pop()
+            if lengths or not value.isdigit():
                 raise _Malformed("bad Content-Length")
-            self._left = int(value)
+            self._left = length = int(value)
             self._state = _LENGTH if self._left else _DONE
         else:
             self._state, keep = _UNTIL_CLOSE, False
         self._reusable = keep
-        self._response = ReplicaResponse(self, status, CIMultiDictProxy(headers))
+        media = ctype.partition(b";")[0].strip().lower().decode("latin-1")
+        self._response = ReplicaResponse(
+            self, status, raw, content_type=media, content_length=length
+        )
         if self._state == _DONE:
             self._complete()
 
@@ -590,18 +621,18 @@ class _Malformed(Exception):
     pass
 
 
-def _parse_head(head: bytes) -> tuple[int, bytes, CIMultiDict[str]]:
+def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     lines = head.split(b"\r\n")
     version, _, rest = lines[0].partition(b" ")
     code = rest[:3]
     if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
         raise _Malformed("bad status line")
-    headers: CIMultiDict[str] = CIMultiDict()
+    headers: list[tuple[bytes, bytes]] = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if not sep or not name or name != name.strip() or b"\n" in line or b"\r" in line:
             raise _Malformed("bad header line")
-        headers.add(name.decode("latin-1"), value.strip().decode("utf-8", "surrogateescape"))
+        headers.append((name, value.strip()))
     return int(code), version, headers
 
 

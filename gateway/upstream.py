@@ -4,7 +4,7 @@ aiohttp client exceptions are translated.
 The data path's client is ``gateway/replica_client.py`` (keep-alive connections on asyncio
 protocols, its own errors raised as ``gateway.errors`` classes directly); this module keeps what
 both sides share: which headers are hop-by-hop and how forwarded headers are built
-(``request_fields``/``response_headers``), the ``reason`` label of an upstream error, and the
+(``request_fields``/``response_fields``), the ``reason`` label of an upstream error, and the
 aiohttp-based GET used for model lists (``fetch_json``).
 
 Invariants:
@@ -22,7 +22,6 @@ import asyncio
 
 import aiohttp
 import orjson
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import (
     GatewayError,
@@ -50,13 +49,6 @@ HOP_BY_HOP = frozenset(
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 # Length and framing are the gateway's own; Date/Server are set by the gateway's HTTP server.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
-
-
-def _dropped(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset[str]:
-    listed = {
-        token.strip().lower() for v in headers.getall("Connection", ()) for token in v.split(",")
-    }
-    return base | listed if listed else base
 
 
 _REQUEST_DROP_BYTES = frozenset(name.encode() for name in _REQUEST_DROP | {"x-request-id"})
@@ -109,9 +101,20 @@ def request_fields(
     return b"".join(lines)
 
 
-def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = _dropped(headers, _RESPONSE_DROP)
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+_RESPONSE_DROP_BYTES = frozenset(name.encode() for name in _RESPONSE_DROP | {"x-request-id"})
+
+
+def response_fields(raw: list[tuple[bytes, bytes]], request_id: str) -> bytes:
+    """The header lines of a relayed response: the replica's (as ``replica_client`` parsed
+    and checked them), less hop-by-hop, framing, Date and Server, plus the gateway's
+    ``x-request-id``; one pass, as bytes."""
+    drop = _RESPONSE_DROP_BYTES
+    for name, value in raw:
+        if len(name) == 10 and name.lower() == b"connection":
+            drop = drop | {token.strip().lower() for token in value.split(b",")}
+    lines = [b"%b: %b\r\n" % (name, value) for name, value in raw if name.lower() not in drop]
+    lines.append(b"x-request-id: %b\r\n" % request_id.encode())
+    return b"".join(lines)
 
 
 def translate(exc: BaseException, first_byte_timeout_s: float) -> BaseException:
