@@ -22,7 +22,8 @@ Invariants:
   reusable (HTTP/1.1, no ``Connection: close``, not close-delimited, no stray bytes). A response
   closed before its end aborts its connection, so the replica sees the reset and stops
   generating. Idle connections older than ``idle_timeout_s`` are closed instead of reused (below
-  the common 5 s keep-alive of replica servers, so the race with a replica's own close is rare).
+  the common 5 s keep-alive of replica servers, so the race with a replica's own close is rare),
+  and closed by a sweep when nothing reuses them, so a burst's connections do not outlive it.
 * Requests are never retried here; a stale keep-alive connection surfaces as a disconnect before
   the first byte, which the proxy may retry on another replica.
 """
@@ -649,6 +650,7 @@ class ReplicaClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._all: set[_Conn] = set()
         self._ssl: ssl.SSLContext | None = None
+        self._sweep_handle: asyncio.TimerHandle | None = None
 
     async def open(
         self,
@@ -749,6 +751,28 @@ class ReplicaClient:
         if idle is None:
             idle = self._idle[conn.target] = []
         idle.append(conn)
+        if self._sweep_handle is None:
+            self._sweep_handle = self._loop.call_later(self._idle_timeout_s, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle for ``idle_timeout_s``. A replica's own keep-alive
+        timeout may be longer or absent; without this, the connections a burst opened would
+        stay open after it (one timer for all, re-armed while any connection is idle)."""
+        assert self._loop is not None
+        self._sweep_handle = None
+        now = self._loop.time()
+        remaining = False
+        for idle in self._idle.values():
+            expired = 0  # idle lists are in release order: the oldest first
+            while expired < len(idle) and now - idle[expired].idle_since >= self._idle_timeout_s:
+                expired += 1
+            for conn in idle[:expired]:
+                if conn.transport is not None:
+                    conn.transport.close()
+            del idle[:expired]
+            remaining = remaining or bool(idle)
+        if remaining:
+            self._sweep_handle = self._loop.call_later(self._idle_timeout_s / 2, self._sweep)
 
     def forget(self, conn: _Conn) -> None:
         self._all.discard(conn)
@@ -762,6 +786,9 @@ class ReplicaClient:
 
     async def close(self) -> None:
         """Close every connection (idle or in use)."""
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
         for conn in list(self._all):
             if conn.transport is not None:
                 conn.transport.abort()

@@ -56,6 +56,24 @@ async def test_content_length_bodies_reuse_one_connection(
     assert b"\r\nContent-Length: 2\r\n\r\n{}" in head
 
 
+async def test_idle_connections_are_closed_after_the_idle_timeout(raw: RawFactory) -> None:
+    replica = await raw(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    client = ReplicaClient(connect_timeout_s=1.0, idle_timeout_s=0.1)
+    try:
+        resp = await post(client, replica.url)
+        assert await body_of(resp) == b"ok"
+        resp.close()
+        assert client.idle_count(replica.url) == 1
+        # Nothing reuses it: the sweep closes it (the raw replica sees the end of the connection).
+        await asyncio.wait_for(replica.closed.wait(), 2.0)
+        assert client.idle_count(replica.url) == 0
+        resp = await post(client, replica.url)  # and the next request opens a new one
+        assert await body_of(resp) == b"ok" and replica.connections == 2
+        resp.close()
+    finally:
+        await client.close()
+
+
 async def test_chunked_body_split_anywhere_is_reassembled(
     raw: RawFactory, client: ReplicaClient
 ) -> None:
