@@ -1,6 +1,6 @@
 """MetricsScraper: keeps every replica's scraped load signals current.
 
-One task (``run``) scrapes all replicas once per ``interval_s``. Each round scrapes them
+One task (``run``) scrapes the replicas once per ``interval_s``. Each round scrapes them
 concurrently in one ``asyncio.TaskGroup``, each under its own ``timeout_s`` (< interval_s, checked
 by the config), so a hanging replica costs its own scrape and never delays the others' or the
 next round.
@@ -10,16 +10,26 @@ Invariants:
 * The scraper is the only writer of scraped values, through ``pool.apply_scrape`` and
   ``pool.scrape_failed``. A failed scrape leaves the last values in place with their
   ``scraped_at``: policies see them age and, past ``max_metrics_age_s``, treat them as unknown.
+* Replicas in phase ``starting`` are not scraped: a cold start (model loading for minutes)
+  refuses connections or answers 503, and the catalog already probes it on a backoff, so
+  scraping it would only count scrape errors (and page whoever alerts on them) on every
+  scale-up. Ready, ejected and draining replicas are scraped every round. A replica that turns
+  ready is scraped at once while ``run`` is active (woken by ``pool.changes``, under the round
+  lock, not counted as a round), else in the next round: until its first scrape, policies only
+  have its gateway in-flight count. A replica sent back to ``starting`` is forgotten (connection,
+  path, engine, failure streak): it is a new life, possibly at a new address.
 * The engine flavour and metrics path are learned per replica from what it serves (config
   may pin either): ``/metrics`` first, ``/v1/metrics`` (NIM) on a 404; the working path and the
   detected engine are remembered until the replica fails in a way that suggests it changed.
-* Logs record transitions, not ticks: ok → failing and failing → ok once each, and a signal a
-  replica does not expose once per replica. Every failure is counted by reason (``errors``, and
-  the ``on_result`` callback for the exporter).
+* Logs record transitions, not ticks: ok → failing and failing → ok (or → paused, when a
+  failing replica goes back to starting) once each, and a signal a replica does not expose once
+  per replica. Every failure is counted by reason (``errors``, and the ``on_result`` callback for
+  the exporter).
 * Failure reasons are a bounded set (``REASONS``): usable as a metric label.
 * One kept-alive HTTP/1.1 connection per replica, through ``_Connection`` rather than aiohttp's
   client, because scraping shares the event loop with the proxy and aiohttp costs ~3x the CPU
-  per scrape (measured in benchmarks/routing_core.py).
+  per scrape (measured in benchmarks/routing_core.py). Scrapes of one replica never overlap:
+  rounds and at-once scrapes all hold ``_round_lock``.
 """
 
 from __future__ import annotations
@@ -105,6 +115,9 @@ class MetricsScraper:
         self._sleep = sleep
         self._on_result = on_result
         self._targets: dict[ReplicaId, _Target] = {}
+        # Starting replicas the last round skipped: the ones to scrape at once when they turn
+        # ready, instead of waiting up to interval_s for the next round.
+        self._held: set[ReplicaId] = set()
         self._fixed = self._configured_names(config)
         self.errors: Counter[str] = Counter()  # failures by reason, since start
         self.rounds = 0
@@ -123,12 +136,36 @@ class MetricsScraper:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Scrape every ``interval_s`` until cancelled. Rounds start on a fixed cadence."""
+        """Scrape every ``interval_s`` until cancelled. Rounds start on a fixed cadence; between
+        them, a replica that turns ready is scraped at once."""
         interval = self._config.interval_s
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._scrape_when_ready())
+            while True:
+                started = self._clock()
+                await self.scrape_once()
+                await self._sleep(max(0.0, interval - (self._clock() - started)))
+
+    async def _scrape_when_ready(self) -> None:
+        """Scrape held replicas as soon as they turn ready: their first requests are routed on
+        the gateway's in-flight count alone until their engine signals are known.
+
+        ``pool.changes`` fires on every phase change (and membership or admission change), so a
+        wake-up costs one look at the held replicas. Nothing is missed: the check after the
+        last scrape and the next ``wait`` have no ``await`` between them.
+        """
         while True:
-            started = self._clock()
-            await self.scrape_once()
-            await self._sleep(max(0.0, interval - (self._clock() - started)))
+            await self._pool.changes.wait()
+            if not self._turned_ready():
+                continue  # most changes: no need to wait for a round in progress
+            async with self._round_lock:
+                while ready := self._turned_ready():
+                    self._held.difference_update(ready)
+                    await self._scrape_all(ready)
+
+    def _turned_ready(self) -> list[ReplicaId]:
+        pool = self._pool
+        return [r for r in self._held if r in pool and pool.state(r).phase == "ready"]
 
     def tracked_replicas(self) -> frozenset[ReplicaId]:
         """Replicas the scraper currently remembers a path, engine or failure streak for."""
@@ -143,20 +180,38 @@ class MetricsScraper:
     # -- one round -------------------------------------------------------------------------
 
     async def scrape_once(self) -> None:
-        """Scrape every current member once, concurrently; returns when all are done."""
+        """Scrape every current member not starting once, concurrently; returns when all are
+        done."""
         async with self._round_lock:
             await self._round()
 
     async def _round(self) -> None:
-        ids = self._pool.ids()
-        for gone in self._targets.keys() - set(ids):
-            connection = self._targets.pop(gone).connection
-            if connection is not None:
-                connection.close()
-        async with asyncio.TaskGroup() as tg:
-            for replica in ids:
-                tg.create_task(self._scrape_replica(replica))
+        pool = self._pool
+        ids = pool.ids()
+        scraped = [r for r in ids if pool.state(r).phase != "starting"]
+        self._held = set(ids).difference(scraped)
+        for replica in self._targets.keys() - set(scraped):
+            self._forget(replica)
+        await self._scrape_all(scraped)
         self.rounds += 1
+
+    async def _scrape_all(self, replicas: list[ReplicaId]) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for replica in replicas:
+                tg.create_task(self._scrape_replica(replica))
+
+    def _forget(self, replica: ReplicaId) -> None:
+        """Drop what was learned about a replica that left the pool or is starting again."""
+        target = self._targets.pop(replica)
+        if target.connection is not None:
+            target.connection.close()
+        if target.failing is not None and replica in self._held:
+            logger.info(
+                "metrics scrape of replica %s paused while it starts again, after %d failures (%s)",
+                replica,
+                target.failures,
+                target.failing,
+            )
 
     async def _scrape_replica(self, replica: ReplicaId) -> None:
         if replica not in self._pool:  # removed since the round started

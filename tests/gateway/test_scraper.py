@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import logging
 import time
@@ -16,6 +17,7 @@ from aiohttp.test_utils import TestServer
 from benchmarks.sim.server import ReplicaSettings
 from gateway import scraper as scraper_module
 from gateway.config import MetricNamesConfig, ScraperConfig
+from gateway.discovery.base import DiscoveredReplica
 from gateway.engine_metrics import EngineSample
 from gateway.pool import ReplicaPool
 from gateway.scraper import MetricsScraper, ScrapeObserver
@@ -303,6 +305,122 @@ async def test_run_keeps_a_fixed_cadence_with_an_injected_sleep(
         await task
     assert scraper.rounds == 3
     assert delays == [0.25, 0.25, 0.25]  # the fake clock does not move during a scrape
+
+
+# -- phases: starting replicas are not scraped -----------------------------------------------
+
+
+async def test_starting_replicas_are_not_scraped_until_ready(
+    serve: Serve, scrapers: list[MetricsScraper]
+) -> None:
+    # A cold start answers 503 (or refuses connections) for minutes: scraping it would count a
+    # scrape error every round of every scale-up. Ejected and draining replicas are scraped.
+    replicas = {name: PageReplica(SGLANG) for name in ("ready", "starting", "ejected", "draining")}
+    replicas["starting"].status = 503
+    pool = ReplicaPool(max_metrics_age_s=1.0)
+    for name, replica in replicas.items():
+        phase = "starting" if name == "starting" else "draining" if name == "draining" else "ready"
+        pool.add(ReplicaId(name), await serve(replica), phase=phase, models=["m"], now=0.0)
+    assert pool.eject(ReplicaId("ejected"), 0.0)
+    clock = Clock()
+    results: list[tuple[ReplicaId, str | None]] = []
+    scraper = scraper_for(pool, scrapers, clock, lambda r, reason, _d: results.append((r, reason)))
+    for _ in range(3):
+        clock.now += 0.25
+        await scraper.scrape_once()
+    assert replicas["starting"].hits == {}
+    assert {n: r.hits for n, r in replicas.items() if n != "starting"} == {
+        "ready": {"/metrics": 3},
+        "ejected": {"/metrics": 3},
+        "draining": {"/metrics": 3},
+    }
+    assert scraper.errors == {}
+    assert sorted(set(results)) == [(ReplicaId(n), None) for n in ("draining", "ejected", "ready")]
+    assert pool.scrape_error(ReplicaId("starting")) == (None, None)
+    assert pool.state(ReplicaId("starting")).scraped_at is None
+    assert scraper.tracked_replicas() == {ReplicaId(n) for n in ("ready", "ejected", "draining")}
+
+    replicas["starting"].status = 200  # the model is loaded; the catalog promotes it
+    assert pool.promote(ReplicaId("starting"), clock.now)
+    await scraper.scrape_once()  # without run(): scraped from the next round
+    assert replicas["starting"].hits == {"/metrics": 1}
+    assert sample_of(pool, "starting") == (2826, 162, 0.28)
+    assert scraper.errors == {}
+
+
+async def test_run_scrapes_a_replica_as_soon_as_it_turns_ready(
+    serve: Serve, scrapers: list[MetricsScraper]
+) -> None:
+    ready, starting = PageReplica(VLLM), PageReplica(SGLANG)
+    pool = ReplicaPool(max_metrics_age_s=1.0)
+    pool.add(ReplicaId("ready"), await serve(ready), phase="ready", models=["m"], now=0.0)
+    pool.add(ReplicaId("starting"), await serve(starting))
+    clock = Clock()
+    first_round_done = asyncio.Event()
+    scraped = asyncio.Event()
+
+    async def park(_delay: float) -> None:
+        first_round_done.set()
+        await asyncio.Event().wait()  # no second round: only an at-once scrape can reach it
+
+    def on_result(replica: ReplicaId, reason: str | None, _duration: float) -> None:
+        if replica == "starting" and reason is None:
+            scraped.set()
+
+    config = ScraperConfig(interval_s=0.25, timeout_s=0.2)
+    scraper = MetricsScraper(pool, config, clock=clock, sleep=park, on_result=on_result)
+    scrapers.append(scraper)
+    task = asyncio.create_task(scraper.run())
+    try:
+        await asyncio.wait_for(first_round_done.wait(), timeout=2.0)
+        assert (ready.hits, starting.hits) == ({"/metrics": 1}, {})
+        pool.set_models(ReplicaId("starting"), ["m"])  # a change, but still starting
+        assert pool.promote(ReplicaId("starting"), clock.now)
+        await asyncio.wait_for(scraped.wait(), timeout=2.0)
+        assert sample_of(pool, "starting") == (2826, 162, 0.28)
+        assert scraper.rounds == 1  # scraped between rounds, not by one
+        assert starting.hits == {"/metrics": 1}
+        assert scraper.errors == {}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_replica_starting_again_is_forgotten_then_scraped_afresh(
+    serve: Serve, scrapers: list[MetricsScraper], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Discovery sends a replica back to starting (not ready in Kubernetes, a new address): its
+    # scrapes pause, and once ready again it is scraped at its current address.
+    old, new = PageReplica(SGLANG), PageReplica(VLLM)
+    old.status = 500
+    rid = ReplicaId("a")
+    pool = ReplicaPool(max_metrics_age_s=1.0)
+    pool.set_members("static", [DiscoveredReplica(name=rid, url=await serve(old), ready=True)])
+    clock = Clock()
+    assert pool.promote(rid, clock.now)
+    scraper = scraper_for(pool, scrapers, clock)
+    await scraper.scrape_once()
+    assert scraper.errors == {"http_status": 1}
+
+    caplog.set_level(logging.INFO, logger="gateway.scraper")
+    caplog.clear()
+    pool.set_members("static", [DiscoveredReplica(name=rid, url=await serve(new), ready=True)])
+    assert pool.state(rid).phase == "starting"
+    for _ in range(2):
+        await scraper.scrape_once()
+    assert scraper.tracked_replicas() == frozenset()
+    assert (old.hits, new.hits) == ({"/metrics": 1}, {})
+    assert scraper.errors == {"http_status": 1}
+    assert [r.getMessage() for r in caplog.records] == [
+        "metrics scrape of replica a paused while it starts again, after 1 failures (http_status)"
+    ]
+
+    assert pool.promote(rid, clock.now)
+    await scraper.scrape_once()
+    assert (old.hits, new.hits) == ({"/metrics": 1}, {"/metrics": 1})
+    assert pool.engine(rid) == "vllm-v0"
+    assert sample_of(pool, "a") == (0, 0, 0.0)
 
 
 async def test_scrapes_the_replica_simulator(
