@@ -288,6 +288,9 @@ class _Conn(asyncio.Protocol):
         self._waiter: asyncio.Future[ReplicaResponse] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timeout_s = 0.0
+        # Relayed payload of the read being parsed, handed to the sink once per read: a read
+        # that holds many chunks (a replica that got ahead) becomes one write to the client.
+        self._batch: list[bytes] | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -309,10 +312,18 @@ class _Conn(asyncio.Protocol):
                     return
             if self._whole_chunks(sink, data):
                 return
+        if sink is not None:
+            self._batch = []
         try:
             self._parse(data)
         except _Malformed as exc:
             self._broken(str(exc))
+        self._flush_batch()
+
+    def _flush_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch and self.sink is not None:
+            self.sink.body(batch[0] if len(batch) == 1 else b"".join(batch), None)
 
     def _whole_chunks(self, sink: BodySink, data: bytes) -> bool:
         """Several whole chunks in one read (a relay that fell behind), possibly ending with the
@@ -567,6 +578,8 @@ class _Conn(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None:
             self._resolve(response, piece)
+        elif self._batch is not None:
+            self._batch.append(piece)
         else:
             response._feed(piece)
 
@@ -580,6 +593,7 @@ class _Conn(asyncio.Protocol):
             waiter.set_result(response)
 
     def _complete(self, *, stray: bool = False) -> None:
+        self._flush_batch()  # the body's last bytes before its end
         response, self._response = self._response, None
         self.sink = None
         self._state = _DONE
@@ -601,6 +615,7 @@ class _Conn(asyncio.Protocol):
         self._fail(None, message)
 
     def _fail(self, error: GatewayError | None, message: str = "") -> None:
+        self._flush_batch()  # what arrived intact before the failure
         waiter, self._waiter = self._waiter, None
         if self._timer is not None:
             self._timer.cancel()
