@@ -1,28 +1,21 @@
 """A simulated GPU replica behind HTTP: the engine model in real time, speaking vLLM's API.
 
-One ``SimReplica`` owns one ``Engine``, one aiohttp app and its listening socket, one engine-loop
-task, and the fault switches. The engine loop is the only caller of ``schedule``/``complete``:
-it sleeps for each step's duration on the loop clock, then hands every ``TokenEvent`` to the
-request's ``_Flow``, waking the handler that writes the SSE events (one per token, from bytes
-pre-encoded per request, see ``openai_shapes.StreamShape``).
+One ``SimReplica`` owns one ``Engine`` driven in real time by one ``engine_loop.EngineLoop``
+task, one aiohttp app (routes, API-key guard and SSE shaping in ``handlers``) and its listening
+socket, and the fault switches. The loop hands every ``TokenEvent`` to the request's ``Flow``,
+waking the handler that writes the SSE events (one per token, from bytes pre-encoded per
+request, see ``openai_shapes.StreamShape``).
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
-``GET /v1/models``, ``GET /health`` (NIM also ``/v1/health/ready`` and ``/v1/health/live``),
-``GET /metrics`` (``/v1/metrics`` instead for the ``nim`` flavour), and the simulator's own
-``POST /sim/control`` (see ``faults``) and ``GET /sim/state``.
-
-API key (``ReplicaSettings.api_key``, CLI ``--api-key``): as vLLM's ``--api-key``, every path
-under ``/v1`` answers 401 ``{"error": "Unauthorized"}`` unless the request carries
-``Authorization: Bearer <key>``; ``/health``, the metrics page (``/v1/metrics`` too, for ``nim``)
-and ``/sim/*`` stay open. ``SimReplica.api_key`` may be changed at run time (key rotation).
+This module is the public API (``SimReplica``, ``ReplicaSettings``, ``build_replica_app``,
+``run_replicas``, ``REPLICA``): the replica's settings, lifecycle and faults.
 
 Lifecycle and faults (``faults.Lifecycle``): while not ``ready``/``draining`` every route but
 ``/sim/*`` answers 503; a crash loses the engine, so a restarted replica is a new process with
 fresh counters on ``/metrics`` (but the same URL).
 
-Invariants: every request added to the engine is either finished by it or aborted in it
-(client disconnect, dropped stream, crash) before its handler returns, so KV is never leaked;
-``requests_admitted == requests_finished + requests_aborted + inflight_requests``.
+Invariants (kept by ``EngineLoop``): every request added to the engine is either finished by it
+or aborted in it (client disconnect, dropped stream, crash) before its handler returns, so KV is
+never leaked; ``requests_admitted == requests_finished + requests_aborted + inflight_requests``.
 
 Client disconnects cancel the handler (``handler_cancellation=True`` on our runner). An app from
 ``build_replica_app`` served by someone else's runner should set the same flag, or a
@@ -33,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import random
 import time
@@ -41,28 +33,29 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from benchmarks.sim import openai_shapes as shapes
-from benchmarks.sim.engine import Engine, SimRequest, TokenEvent
-from benchmarks.sim.exposition import METRICS_PATH, Flavour, render_metrics
-from benchmarks.sim.faults import (
-    DOWN,
-    Lifecycle,
-    Phase,
-    apply_control,
-    is_disruptive,
-    parse_control,
-)
+from benchmarks.sim import handlers
+from benchmarks.sim.engine import Engine
+from benchmarks.sim.engine_loop import EngineLoop, Flow
+from benchmarks.sim.exposition import Flavour
+from benchmarks.sim.faults import DOWN, Lifecycle, Phase
+from benchmarks.sim.handlers import METRICS_CONTENT_TYPE, REPLICA
+from benchmarks.sim.openai_shapes import GenerationRequest
 from benchmarks.sim.profiles import Profile, get_profile
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "FAST_STEP_OVERRIDES",
+    "METRICS_CONTENT_TYPE",
+    "REPLICA",
+    "Flow",
+    "ReplicaSettings",
+    "SimReplica",
+    "build_replica_app",
+    "run_replicas",
+]
 
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_MAX_CATCH_UP_S = 0.1
-_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,28 +102,6 @@ FAST_STEP_OVERRIDES: dict[str, object] = {
 }
 
 
-class _Flow:
-    """Delivery state of one request in the engine, shared by the engine loop and its handler."""
-
-    __slots__ = ("dead", "finished", "generated", "waiter")
-
-    def __init__(self) -> None:
-        self.generated = 0
-        self.finished = False
-        self.dead = False  # the replica crashed or stopped under it
-        self.waiter: asyncio.Future[None] | None = None
-
-    def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-
-REPLICA: web.AppKey[SimReplica] = web.AppKey("replica")
-
-
 class SimReplica:
     """One simulated replica: engine, HTTP app, lifecycle (port, phases) and fault switches.
 
@@ -149,31 +120,24 @@ class SimReplica:
         self.profile: Profile = get_profile(s.profile, **dict(s.profile_overrides))
         self.model = s.model or self.profile.served_model
         self._rng = random.Random(seed)
-        self._clock = clock
-        self.engine = self._new_engine()
-        self.life = Lifecycle(s.host, s.port, self._notify)
+        engine = self._new_engine()
+        self.life = Lifecycle(s.host, s.port, self.notify)
+        self.engine_loop = EngineLoop(engine, self.life, self.notify, clock)
         self.drop_after_tokens: int | None = None
         self.api_key = s.api_key
         self.requests_unauthorized = 0  # answered 401 for a missing or wrong API key
         self.requests_seen = 0  # generation requests received, whatever their outcome
         self.requests_rejected = 0  # answered with an error status
-        self.requests_admitted = 0  # added to the engine
-        self.requests_finished = 0
-        self.requests_aborted = 0  # removed from the engine unfinished
         self.streams_dropped = 0
         self.inflight_streams = 0  # streaming responses currently open
         self.embeddings_seen = 0
         self.metrics_scrapes = 0
-        self.steps = 0  # engine steps run in real time
-        self.step_lag_total_s = 0.0
-        self.step_lag_max_s = 0.0
-        self._flows: dict[str, _Flow] = {}
-        self._last_add_s = 0.0
-        self._work = asyncio.Event()
         self._watchers: list[asyncio.Future[None]] = []
         self._engine_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self.app = self._build_app()
+        self.app = handlers.build_app(self)
+        self.app.on_startup.append(self._on_app_startup)
+        self.app.on_cleanup.append(self._on_app_cleanup)
         self._apply_start_faults()
 
     def _new_engine(self) -> Engine:
@@ -190,25 +154,6 @@ class SimReplica:
             self.life.hang(None)
         elif self.life.hung:
             self.life.unhang()
-
-    def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._gate])
-        app[REPLICA] = self
-        routes = app.router
-        routes.add_post("/v1/chat/completions", self._chat)
-        routes.add_post("/v1/completions", self._completions)
-        routes.add_post("/v1/embeddings", self._embeddings)
-        routes.add_get("/v1/models", self._models)
-        routes.add_get("/health", self._health)
-        if self.settings.flavour == "nim":
-            routes.add_get("/v1/health/ready", self._health)
-            routes.add_get("/v1/health/live", self._live)
-        routes.add_get(METRICS_PATH[self.settings.flavour], self._metrics)
-        routes.add_post("/sim/control", self._control)
-        routes.add_get("/sim/state", self._state)
-        app.on_startup.append(self._on_app_startup)
-        app.on_cleanup.append(self._on_app_cleanup)
-        return app
 
     # ----- public lifecycle ---------------------------------------------------------------
 
@@ -229,8 +174,36 @@ class SimReplica:
         return self.life.hung
 
     @property
+    def engine(self) -> Engine:
+        return self.engine_loop.engine
+
+    @property
     def inflight_requests(self) -> int:
-        return len(self._flows)
+        return self.engine_loop.inflight
+
+    @property
+    def requests_admitted(self) -> int:
+        return self.engine_loop.admitted
+
+    @property
+    def requests_finished(self) -> int:
+        return self.engine_loop.finished
+
+    @property
+    def requests_aborted(self) -> int:
+        return self.engine_loop.aborted
+
+    @property
+    def steps(self) -> int:
+        return self.engine_loop.steps
+
+    @property
+    def step_lag_total_s(self) -> float:
+        return self.engine_loop.step_lag_total_s
+
+    @property
+    def step_lag_max_s(self) -> float:
+        return self.engine_loop.step_lag_max_s
 
     async def __aenter__(self) -> SimReplica:
         await self.start()
@@ -247,9 +220,9 @@ class SimReplica:
 
     async def stop(self) -> None:
         """Stop listening, reset every connection, end every task. Idempotent."""
-        self._kill_flows()
+        self.engine_loop.kill_all()
         await self.life.close()  # runs on_cleanup: the engine loop ends there
-        self._kill_flows()
+        self.engine_loop.kill_all()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -301,8 +274,8 @@ class SimReplica:
         """Die: stop listening, reset all connections, lose the engine; maybe come back later
         (``restart_after_s`` + the settings' cold start)."""
         await self.life.go_down("crashed")
-        self._kill_flows()
-        self.engine = self._new_engine()
+        self.engine_loop.kill_all()
+        self.engine_loop.engine = self._new_engine()
         if restart_after_s is not None:
             self._apply_start_faults()
             delay = restart_after_s + self.settings.listen_delay_s
@@ -328,8 +301,7 @@ class SimReplica:
     def drop_streams(self, after_tokens: int | None) -> None:
         """Cut every response once it has k tokens (no ``[DONE]``); ``None`` turns it off."""
         self.drop_after_tokens = after_tokens
-        for flow in self._flows.values():
-            flow.wake()
+        self.engine_loop.wake_all()
 
     def slow(self, factor: float) -> None:
         if not factor > 0:
@@ -344,6 +316,35 @@ class SimReplica:
         """End loading (skip the rest of the load time) or draining now."""
         self.life.set_ready()
 
+    # ----- for the HTTP layer (``handlers``) ---------------------------------------------
+
+    def notify(self) -> None:
+        """Wake every ``wait_for``: call after any change a predicate may look at."""
+        if self._watchers:
+            watchers, self._watchers = self._watchers, []
+            for fut in watchers:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a task of the replica's (cancelled and awaited by ``stop``)."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def new_request_id(self, prefix: str) -> str:
+        return f"{prefix}-{self._rng.getrandbits(128):032x}"
+
+    def draw_output(self, req: GenerationRequest) -> tuple[int, str]:
+        """How many tokens the model answers ``req`` with, and the finish reason."""
+        if req.ignore_eos:
+            return req.max_tokens, "length"
+        rng = random.Random(req.seed) if req.seed is not None else self._rng
+        n = max(1 + int(rng.expovariate(1.0 / self.settings.output_tokens_mean)), req.min_tokens)
+        if n >= req.max_tokens:
+            return req.max_tokens, "length"
+        return n, "stop"
+
     # ----- internals ----------------------------------------------------------------------
 
     def _load_time_s(self, explicit: float | None) -> float:
@@ -355,29 +356,11 @@ class SimReplica:
     async def _boot(self, listen_delay_s: float, load_time_s: float) -> None:
         await self.life.boot(listen_delay_s, load_time_s, draining=self.settings.draining)
 
-    def _kill_flows(self) -> None:
-        for rid, flow in list(self._flows.items()):
-            flow.dead = True
-            flow.wake()
-            self._abort(rid)
-
-    def _notify(self) -> None:
-        if self._watchers:
-            watchers, self._watchers = self._watchers, []
-            for fut in watchers:
-                if not fut.done():
-                    fut.set_result(None)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def _boot_unowned(self, app: web.Application) -> None:
         await self._boot(0.0, self._load_time_s(None))
 
     async def _on_app_startup(self, app: web.Application) -> None:
-        self._engine_task = asyncio.create_task(self._run_engine())
+        self._engine_task = asyncio.create_task(self.engine_loop.run())
         self._engine_task.add_done_callback(self._engine_died)
 
     def _engine_died(self, task: asyncio.Task[None]) -> None:
@@ -385,7 +368,7 @@ class SimReplica:
             # A bug, not a fault to simulate: say so loudly and fail every waiting client
             # rather than leave them hanging; stop() re-raises it.
             logger.error("engine loop of %s died", self.url, exc_info=task.exception())
-            self._kill_flows()
+            self.engine_loop.kill_all()
 
     async def _on_app_cleanup(self, app: web.Application) -> None:
         if self._engine_task is not None:
@@ -393,319 +376,6 @@ class SimReplica:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._engine_task
             self._engine_task = None
-
-    # ----- the engine loop ----------------------------------------------------------------
-
-    def _now(self) -> float:
-        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
-
-    async def _run_engine(self) -> None:
-        """Drive schedule/complete in real time: each step lasts its ``duration_s``."""
-        loop = asyncio.get_running_loop()
-        clock = self._clock or loop.time
-        flows = self._flows
-        t = clock()
-        life = self.life
-        while True:
-            if life.hung:
-                await life.wait_unhung()
-                t = clock()
-            engine = self.engine  # replaced on crash
-            # Steps follow each other on the model's timeline (t = the last step's end) even when
-            # the loop woke a little late, so short lags are caught up instead of accumulating;
-            # a long stall (a busy machine, a debugger) resyncs to the clock.
-            # Never before the newest arrival, so queue times and TTFTs stay >= 0.
-            now = max(t, self._last_add_s) if clock() - t < _MAX_CATCH_UP_S else clock()
-            step = engine.schedule(now) if engine.has_work() else None
-            if step is None:
-                self._work.clear()
-                await self._work.wait()
-                t = clock()
-                continue
-            end = now + step.duration_s
-            delay = end - clock()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            lag = clock() - end  # how far behind real time the loop wakes (CPU starvation)
-            self.steps += 1
-            self.step_lag_total_s += lag
-            if lag > self.step_lag_max_s:
-                self.step_lag_max_s = lag
-            if engine is not self.engine:
-                continue  # crashed during the step: its results died with it
-            events: list[TokenEvent] = engine.complete(step, end)
-            t = end
-            for ev in events:
-                flow = flows.get(ev.request_id)
-                if flow is not None:
-                    flow.generated = ev.generated
-                    flow.finished = ev.finished
-                    flow.wake()
-            self._notify()
-
-    def _abort(self, rid: str) -> None:
-        flow = self._flows.pop(rid, None)
-        if flow is None:
-            return
-        if flow.finished:  # the engine is done with it; only the response was lost
-            self.requests_finished += 1
-        else:
-            self.engine.abort_request(rid, self._now())
-            self.requests_aborted += 1
-            self._work.set()  # freed KV may unblock waiting requests
-        self._notify()
-
-    # ----- HTTP ---------------------------------------------------------------------------
-
-    @web.middleware
-    async def _gate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Hang, lifecycle and the API key apply to every route but the simulator's ``/sim/*``."""
-        if request.path.startswith("/sim/"):
-            return await handler(request)
-        if self.life.hung:
-            await self.life.wait_unhung()
-        phase = self.life.phase
-        if phase in DOWN and request.transport is not None:
-            request.transport.abort()  # only reachable under someone else's runner: act dead
-        if phase not in ("ready", "draining"):
-            return _error(503, "the model is loading", "ServiceUnavailableError")
-        if not self._authorized(request):
-            self.requests_unauthorized += 1
-            self._notify()
-            # vLLM's exact answer: a bare string, not the OpenAI error object.
-            return web.json_response({"error": "Unauthorized"}, status=401)
-        return await handler(request)
-
-    def _authorized(self, request: web.Request) -> bool:
-        """vLLM's rule: with a key set, only paths under ``/v1`` are guarded (OPTIONS never)."""
-        key = self.api_key
-        if key is None or request.method == "OPTIONS" or not request.path.startswith("/v1"):
-            return True
-        if request.path == METRICS_PATH[self.settings.flavour]:
-            return True  # a scraper must not need the key (vLLM's /metrics is outside /v1)
-        presented = request.headers.get("Authorization", "")
-        expected = f"Bearer {key}".encode()
-        return hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), expected)
-
-    async def _read_json(self, request: web.Request) -> object:
-        try:
-            return orjson.loads(await request.read())
-        except orjson.JSONDecodeError as exc:
-            raise shapes.RequestError(400, f"invalid JSON body: {exc}") from None
-
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, "chat")
-
-    async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, "completion")
-
-    async def _generate(self, request: web.Request, kind: shapes.Kind) -> web.StreamResponse:
-        arrival = self._now()  # the engine measures TTFT from here, front end included
-        self.requests_seen += 1
-        self._notify()
-        try:
-            if self.phase == "draining":
-                raise shapes.RequestError(503, "the replica is draining", "ServiceUnavailableError")
-            req = shapes.parse_generation(
-                await self._read_json(request),
-                kind,
-                served_model=self.model,
-                max_model_len=self.profile.max_model_len,
-                block_size=self.profile.block_size,
-            )
-        except shapes.RequestError as exc:
-            self.requests_rejected += 1
-            return _error(exc.status, exc.message, exc.err_type)
-        if self.profile.frontend_latency_s > 0:
-            await asyncio.sleep(self.profile.frontend_latency_s)
-            if self.life.phase not in ("ready", "draining"):  # went down meanwhile
-                return _error(503, "the replica is not ready", "ServiceUnavailableError")
-        prefix = "chatcmpl" if kind == "chat" else "cmpl"
-        rid = f"{prefix}-{self._rng.getrandbits(128):032x}"
-        output_tokens, finish_reason = self._draw_output(req)
-        flow = _Flow()
-        self._last_add_s = now = self._now()
-        self.engine.add_request(
-            SimRequest(
-                rid, req.prompt_tokens, output_tokens, arrival, req.block_hashes, finish_reason
-            ),
-            now,
-        )
-        self._flows[rid] = flow
-        self.requests_admitted += 1
-        self._work.set()
-        try:
-            if req.stream:
-                return await self._stream(request, req, rid, flow, finish_reason)
-            return await self._respond(request, req, rid, flow, finish_reason)
-        finally:
-            if rid in self._flows:
-                if flow.finished:
-                    del self._flows[rid]
-                    self.requests_finished += 1
-                    self._notify()
-                else:
-                    self._abort(rid)
-
-    def _draw_output(self, req: shapes.GenerationRequest) -> tuple[int, str]:
-        if req.ignore_eos:
-            return req.max_tokens, "length"
-        rng = random.Random(req.seed) if req.seed is not None else self._rng
-        n = max(1 + int(rng.expovariate(1.0 / self.settings.output_tokens_mean)), req.min_tokens)
-        if n >= req.max_tokens:
-            return req.max_tokens, "length"
-        return n, "stop"
-
-    async def _wait(self, flow: _Flow, sent: int) -> int | None:
-        """Wait for tokens beyond ``sent`` or the end; returns the count to cut at, if cutting.
-
-        The drop fault cuts a response once it has ``after_tokens`` tokens, unless the whole
-        response fits in them.
-        """
-        while True:
-            drop = self.drop_after_tokens
-            n = flow.generated
-            if drop is not None and n >= drop and not (flow.finished and n <= drop):
-                return max(sent, drop)
-            if n > sent or flow.finished or flow.dead:
-                return None
-            fut = asyncio.get_running_loop().create_future()
-            flow.waiter = fut
-            await fut
-
-    def _cut(self, request: web.Request) -> None:
-        self.streams_dropped += 1
-        self._notify()
-        if request.transport is not None:
-            request.transport.close()  # flushes what was written, then FIN: no [DONE]
-
-    async def _respond(
-        self,
-        request: web.Request,
-        req: shapes.GenerationRequest,
-        rid: str,
-        flow: _Flow,
-        finish_reason: str,
-    ) -> web.StreamResponse:
-        while not flow.finished:
-            cut_at = await self._wait(flow, flow.generated)
-            if flow.dead:
-                return web.Response(status=503)  # never sent: the connection was reset
-            if cut_at is not None:
-                self._cut(request)
-                return web.Response(status=503)  # never sent: the connection is closed
-        body = shapes.completion_body(req, rid, int(time.time()), flow.generated, finish_reason)
-        return web.Response(body=body, content_type="application/json")
-
-    async def _stream(
-        self,
-        request: web.Request,
-        req: shapes.GenerationRequest,
-        rid: str,
-        flow: _Flow,
-        finish_reason: str,
-    ) -> web.StreamResponse:
-        shape = shapes.StreamShape(req.kind, rid, int(time.time()), req.model)
-        tokens, mask = shape.tokens, shapes.WORD_MASK
-        resp = web.StreamResponse(headers=_SSE_HEADERS)
-        await resp.prepare(request)
-        self.inflight_streams += 1
-        sent = 0
-        try:
-            while True:
-                cut_at = await self._wait(flow, sent)
-                if flow.dead:
-                    return resp
-                n = flow.generated if cut_at is None else cut_at
-                done = flow.finished and cut_at is None
-                parts = [shape.role_chunk] if sent == 0 and n > 0 else []
-                parts.extend(tokens[i & mask] for i in range(sent, n - 1 if done else n))
-                if done:
-                    parts.append(shape.final_chunk(n - 1, finish_reason))
-                    if req.include_usage:
-                        parts.append(shape.usage_chunk(req.prompt_tokens, n))
-                    parts.append(shapes.DONE)
-                if parts:
-                    try:
-                        await resp.write(b"".join(parts))
-                    except ConnectionResetError:  # the client left; finally-block aborts it
-                        return resp
-                sent = n
-                if cut_at is not None:
-                    self._cut(request)
-                    return resp  # aiohttp's write_eof on the closed transport is a no-op
-                if done:
-                    await resp.write_eof()
-                    return resp
-        finally:
-            self.inflight_streams -= 1
-
-    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
-        self.embeddings_seen += 1
-        try:
-            if self.phase == "draining":
-                raise shapes.RequestError(503, "the replica is draining", "ServiceUnavailableError")
-            model, seeds, tokens = shapes.parse_embeddings(
-                await self._read_json(request), served_model=self.model
-            )
-        except shapes.RequestError as exc:
-            return _error(exc.status, exc.message, exc.err_type)
-        rid = f"embd-{self._rng.getrandbits(128):032x}"
-        body = shapes.embeddings_body(
-            model, rid, int(time.time()), seeds, tokens, self.settings.embedding_dim
-        )
-        return web.Response(body=body, content_type="application/json")
-
-    async def _models(self, request: web.Request) -> web.StreamResponse:
-        owned_by = {"sglang": "sglang", "nim": "system"}.get(self.settings.flavour, "vllm")
-        body = shapes.models_body(
-            self.model, self.profile.max_model_len, int(time.time()), owned_by
-        )
-        return web.Response(body=body, content_type="application/json")
-
-    async def _health(self, request: web.Request) -> web.StreamResponse:
-        if self.phase != "ready":
-            return web.Response(status=503)
-        return web.Response(status=200)
-
-    async def _live(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"object": "health-response", "message": "Service is live."})
-
-    async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        self.metrics_scrapes += 1
-        text = render_metrics(self.engine.stats, self.settings.flavour, self.model)
-        return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
-
-    async def _state(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=orjson.dumps(self.snapshot()), content_type="application/json")
-
-    async def _control(self, request: web.Request) -> web.StreamResponse:
-        try:
-            action, params = parse_control(await self._read_json(request))
-        except shapes.RequestError as exc:
-            return _error(exc.status, exc.message, exc.err_type)
-        if not is_disruptive(action):
-            await apply_control(self, action, params)
-            return web.Response(body=orjson.dumps(self.snapshot()), content_type="application/json")
-        # Crashing resets this very connection: answer first, then crash from a task of ours
-        # (this handler may be cancelled by the reset).
-        resp = web.Response(
-            body=orjson.dumps({"action": action, "accepted": True}),
-            content_type="application/json",
-            headers={"Connection": "close"},
-        )
-        await resp.prepare(request)
-        await resp.write_eof()
-        self._spawn(apply_control(self, action, params))
-        return resp
-
-
-def _error(status: int, message: str, err_type: str) -> web.Response:
-    return web.Response(
-        status=status,
-        body=shapes.error_body(status, message, err_type),
-        content_type="application/json",
-    )
 
 
 def build_replica_app(

@@ -25,19 +25,9 @@ from typing import Any
 import aiohttp
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from benchmarks.sim.server import FAST_STEP_OVERRIDES
 
-# Fast, flat steps (as ReplicaSettings.fast, see benchmarks/sim/server.py): the engine step is
-# the weights floor alone, so capacity is exact: max_num_seqs / ((tokens + 1) * step_s).
-FLAT_STEP: dict[str, object] = {
-    "step_overhead_s": 0.0,
-    "linear_base_s": 0.0,
-    "per_token_s": 1e-9,
-    "per_context_token_s": 0.0,
-    "per_attention_pair_s": 0.0,
-    "jitter_cv": 0.0,
-    "frontend_latency_s": 0.0,
-}
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def raise_fd_limit() -> int:
@@ -107,7 +97,9 @@ async def start_replicas(
 ) -> tuple[Proc, list[str]]:
     """``n`` simulated replicas in one process, ready at once; returns it and their URLs.
     ``extra``: more profile overrides."""
-    overrides = {**FLAT_STEP, "weights_floor_s": step_s, "max_num_seqs": max_num_seqs}
+    # Flat steps (as ReplicaSettings.fast): the step is the weights floor alone, so capacity is
+    # exact: max_num_seqs / ((tokens + 1) * step_s).
+    overrides = {**FAST_STEP_OVERRIDES, "weights_floor_s": step_s, "max_num_seqs": max_num_seqs}
     overrides.update(extra or {})
     if num_gpu_blocks is not None:
         overrides["num_gpu_blocks"] = num_gpu_blocks
