@@ -181,7 +181,7 @@ class Engine:
                 pending.decode_tokens -= 1
             self._materialize(r)
             self._leave_running(r)
-            self._free_blocks(r)
+            self._free_blocks(r, gone=True)
         r.state = _DONE
         r.gen += 1
         self._count_finish("abort")
@@ -442,7 +442,7 @@ class Engine:
     def _finish_request(self, r: _Req, now: float) -> None:
         self._materialize(r)
         self._leave_running(r)
-        self._free_blocks(r)
+        self._free_blocks(r, gone=True)
         r.state = _DONE
         r.gen += 1
         del self._reqs[r.sim.request_id]
@@ -460,7 +460,7 @@ class Engine:
         self._materialize(r)
         r.last_token_s = self._last_complete_s if self._last_complete_s is not None else 0.0
         self._leave_running(r)
-        self._free_blocks(r)
+        self._free_blocks(r, gone=False)
         r.state = _WAITING
         r.gen += 1
         r.computed = 0
@@ -518,11 +518,13 @@ class Engine:
         self._next_id += 1
         return self._next_id
 
-    def _free_blocks(self, r: _Req) -> None:
+    def _free_blocks(self, r: _Req, gone: bool) -> None:
+        """``gone``: the request finished or was aborted, so its own blocks can never be re-hit
+        (only a preempted request looks its own run up) and are freed as plain blocks."""
         if r.held == 0:
             return
         own_cached = 0
-        if self._caching and r.chain_ok:
+        if self._caching and r.chain_ok and not gone:
             own_cached = max(0, min(r.held, r.computed // self._bs) - len(r.shared))
         self.kv.release(r.held, r.shared, own_cached, r.uid)
         r.held = 0

@@ -10,8 +10,16 @@ vLLM frees a request's blocks in reverse order, so its last blocks are evicted f
 run therefore shrinks from its end, and what is left is still a valid prefix for that request
 to re-hit after preemption. Shared prefix blocks are reference counted while in use.
 
+Only a preempted request can re-hit its own run, so a request that is gone (finished, aborted)
+frees its own blocks as plain ones; plain blocks freed next to a plain run at the tail join it,
+and adjacent plain runs left when a hit takes cached blocks from between them are joined in an
+occasional compaction (amortised O(1)). Eviction only counts blocks along the queue, so none of
+this changes what any allocation or lookup sees; it keeps the queue as short as the content
+worth telling apart (shared prefix blocks, runs of preempted requests, the plain runs between
+them) instead of growing towards one entry per free block.
+
 Invariant: ``free == sum(free queue)``; free + blocks held by live requests (shared ones counted
-once) == usable blocks.
+once) == usable blocks; every run in the queue holds at least one block.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 _Key = tuple[str, int]
+_COMPACT_SLACK = 32  # entries the queue may grow past twice its last compacted length
 
 
 class BlockPool:
@@ -31,6 +40,7 @@ class BlockPool:
         self.shared_refs: dict[int, int] = {}  # shared prefix hash -> requests holding it
         self._queue: OrderedDict[_Key, int] = OrderedDict({("p", 0): usable_blocks})
         self._next_run = 0
+        self._compact_at = _COMPACT_SLACK
 
     @property
     def usage(self) -> float:
@@ -39,6 +49,10 @@ class BlockPool:
 
     def queued(self) -> int:
         return sum(self._queue.values())
+
+    def runs(self) -> int:
+        """Entries in the free queue (a memory bound: not a count of blocks)."""
+        return len(self._queue)
 
     def take(self, n: int) -> None:
         """Allocate ``n`` blocks from the front of the LRU free queue, evicting cached content."""
@@ -57,11 +71,16 @@ class BlockPool:
 
     def release(self, held: int, shared: Sequence[int], own_cached: int, uid: int) -> None:
         """Free a request's ``held`` blocks: the first ``len(shared)`` are shared prefix blocks,
-        the next ``own_cached`` its own full blocks worth keeping cached, the rest plain."""
+        the next ``own_cached`` its own full blocks worth keeping cached (0 when the request is
+        gone: nothing else can hit them), the rest plain."""
         own = held - len(shared)
         q = self._queue
         if own > own_cached:
-            q[self._plain_key()] = own - own_cached
+            tail = next(reversed(q), None)
+            if tail is not None and tail[0] == "p":
+                q[tail] += own - own_cached  # keeps its place: plain blocks are interchangeable
+            else:
+                q[self._plain_key()] = own - own_cached
         if own_cached:
             q[("r", uid)] = own_cached
         freed = own
@@ -75,6 +94,8 @@ class BlockPool:
                 q[("h", h)] = 1
                 freed += 1
         self.free += freed
+        if len(q) > self._compact_at:
+            self._compact()
 
     def lookup(
         self, hashes: Sequence[int], max_hit: int, uid: int, own: bool
@@ -137,6 +158,19 @@ class BlockPool:
             self.shared_refs[h] = 1
             held.append(h)
         return True
+
+    def _compact(self) -> None:
+        """Join adjacent plain runs, keeping the order of the queue."""
+        merged: OrderedDict[_Key, int] = OrderedDict()
+        plain: _Key | None = None  # the last entry, when it is a plain run
+        for key, count in self._queue.items():
+            if plain is not None and key[0] == "p":
+                merged[plain] += count
+                continue
+            merged[key] = count
+            plain = key if key[0] == "p" else None
+        self._queue = merged
+        self._compact_at = 2 * len(merged) + _COMPACT_SLACK
 
     def _plain_key(self) -> _Key:
         self._next_run += 1

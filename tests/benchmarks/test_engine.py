@@ -438,3 +438,26 @@ def test_property_invariants_hold_for_random_arrivals(
     assert not finished & aborted
     assert e.num_free_blocks == blocks - 1
     assert sum(e.stats.request_success.values()) == len(arrivals)
+
+
+def test_the_kv_free_queue_stays_bounded_by_cached_content_not_by_requests_served() -> None:
+    # A finished request's own cached run can never be hit again, and the plain runs a hit leaves
+    # side by side are joined: the free queue must not grow with the requests served (it once
+    # kept ~2 entries per request, up to one per free block: 1,000+ here).
+    e = Engine(get_profile("a10g-llama3-8b"), random.Random(0))
+    d = Driver(e)
+    rng = random.Random(1)
+    chain = (7, 8, 9)
+    peak = 0
+    for i in range(600):
+        prompt = rng.randint(20, 100)
+        hashes = chain[: prompt // 16] if i % 2 == 0 else ()
+        e.add_request(SimRequest(f"r{i}", prompt, rng.randint(5, 20), d.now, hashes), d.now)
+        if i % 7 == 3:  # aborted after its prefill
+            d.step()
+            assert e.abort_request(f"r{i}", d.now)
+        d.drain()
+        peak = max(peak, e.kv.runs())
+    assert e.stats.prefix_cache_hits > 0
+    assert peak <= 2 * (len(chain) + 1) + 1 + 2 * 32  # content entries, gaps, compaction slack
+    assert e.kv.queued() == e.kv.free == e.kv.usable
