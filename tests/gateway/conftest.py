@@ -8,6 +8,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -57,6 +58,19 @@ async def wait_pool(pool: ReplicaPool, predicate: Callable[[], bool], limit_s: f
     async with asyncio.timeout(limit_s):
         while not predicate():
             await pool.capacity.wait()
+
+
+async def post_chat(
+    server: GatewayServer, body: object, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` to the gateway's chat endpoint: (status, decoded JSON answer)."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"http://127.0.0.1:{server.port}/v1/chat/completions", json=body, headers=headers
+        ) as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
 
 
 def sample(server: GatewayServer, name: str, **labels: str) -> float:

@@ -22,12 +22,11 @@ import pytest
 import yaml
 
 from benchmarks.sim.server import ReplicaSettings
-from gateway.app import GatewayServer
 from gateway.auth import KeyStore
 from gateway.errors import ConfigError
 from gateway.log import JsonFormatter, PlainFormatter
 from tests.benchmarks.conftest import StartReplicas
-from tests.gateway.conftest import StartGateway, wait_pool
+from tests.gateway.conftest import StartGateway, post_chat, wait_pool
 from tests.gateway.raw_http import raw_request
 from tests.gateway.scripted_replica import ScriptedReplica, StartScripted, scripted_replicas
 
@@ -49,18 +48,6 @@ def _keys_yaml(path: Path, entries: list[dict[str, Any]]) -> None:
 
 def _bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-async def _post(
-    server: GatewayServer, body: object, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, Any]]:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"http://127.0.0.1:{server.port}/v1/chat/completions", json=body, headers=headers
-        ) as resp,
-    ):
-        return resp.status, await resp.json(content_type=None)
 
 
 @pytest.fixture
@@ -89,7 +76,7 @@ async def test_requests_without_a_valid_key_get_401_in_the_openai_shape_and_go_n
         {"Authorization": "Bearer"},
         {"Authorization": KEY_A},
     ):
-        status, err = await _post(server, body, headers)
+        status, err = await post_chat(server, body, headers)
         assert status == 401, headers
         assert err["error"]["code"] == "invalid_api_key"
         assert err["error"]["type"] == "invalid_request_error"
@@ -105,7 +92,7 @@ async def test_requests_without_a_valid_key_get_401_in_the_openai_shape_and_go_n
         ) as resp:
             assert resp.status == 401
     assert replica.generation_requests() == []
-    status, ok = await _post(server, body, _bearer(KEY_A))
+    status, ok = await post_chat(server, body, _bearer(KEY_A))
     assert status == 200 and ok["choices"][0]["message"]["content"] == "ok"
     async with openai.AsyncOpenAI(
         base_url=f"http://127.0.0.1:{server.port}/v1", api_key="sk-nope-12345678", max_retries=0
@@ -132,9 +119,9 @@ async def test_keys_are_never_logged(
     _keys_yaml(keys, [{"name": "team-a", "key": KEY_A}])
     caplog.set_level(logging.DEBUG)
     server = await start_gateway([replica.url], auth={"keys_file": str(keys)})
-    await _post(server, _chat(replica.model), _bearer(KEY_A))
-    await _post(server, _chat(replica.model), _bearer(KEY_B))
-    await _post(server, {"model": 1}, _bearer(KEY_A))  # an error path too
+    await post_chat(server, _chat(replica.model), _bearer(KEY_A))
+    await post_chat(server, _chat(replica.model), _bearer(KEY_B))
+    await post_chat(server, {"model": 1}, _bearer(KEY_A))  # an error path too
     _keys_yaml(keys, [{"name": "team-a", "key": KEY_A}, {"name": "x", "key": "short"}])
     await server.stop()  # flushes the access lines of the requests above
     access = [r for r in caplog.records if r.name == "gateway.access"]
@@ -161,18 +148,18 @@ async def test_keys_reload_without_restart_from_a_kubernetes_secret_mount(
         [replica.url], auth={"keys_dir": str(secret), "reload_interval_s": 1e-9}
     )
     body = _chat(replica.model)
-    assert (await _post(server, body, _bearer(KEY_A)))[0] == 200
-    assert (await _post(server, body, _bearer(KEY_B)))[0] == 200
-    assert (await _post(server, body, _bearer(KEY_C)))[0] == 401
+    assert (await post_chat(server, body, _bearer(KEY_A)))[0] == 200
+    assert (await post_chat(server, body, _bearer(KEY_B)))[0] == 200
+    assert (await post_chat(server, body, _bearer(KEY_C)))[0] == 401
     # The kubelet's atomic update: a new timestamped directory, then ``..data`` swapped to it.
     _secret_version(secret, "v2", {"team-b": KEY_B, "team-c": KEY_C})
-    assert (await _post(server, body, _bearer(KEY_C)))[0] == 200
-    assert (await _post(server, body, _bearer(KEY_A)))[0] == 401  # revoked
-    assert (await _post(server, body, _bearer(KEY_B)))[0] == 200
+    assert (await post_chat(server, body, _bearer(KEY_C)))[0] == 200
+    assert (await post_chat(server, body, _bearer(KEY_A)))[0] == 401  # revoked
+    assert (await post_chat(server, body, _bearer(KEY_B)))[0] == 200
     # A broken update keeps the last good keys.
     _secret_version(secret, "v3", {"team-b": KEY_B, "team-c": f"{KEY_C}\npriority: bogus"})
     for _ in range(3):
-        assert (await _post(server, body, _bearer(KEY_C)))[0] == 200
+        assert (await post_chat(server, body, _bearer(KEY_C)))[0] == 200
 
 
 def _secret_version(root: Path, version: str, files: dict[str, str]) -> None:
@@ -335,11 +322,11 @@ async def test_client_authorization_is_not_forwarded_unless_configured(
 ) -> None:
     (replica,) = await start_scripted(1)
     server = await start_gateway([replica.url])
-    await _post(server, _chat(replica.model), _bearer("sk-client-secret-1"))
+    await post_chat(server, _chat(replica.model), _bearer("sk-client-secret-1"))
     (seen,) = replica.generation_requests()
     assert "Authorization" not in seen.headers
     forwarding = await start_gateway([replica.url], upstream={"forward_client_auth": True})
-    await _post(forwarding, _chat(replica.model), _bearer("sk-client-secret-1"))
+    await post_chat(forwarding, _chat(replica.model), _bearer("sk-client-secret-1"))
     assert replica.generation_requests()[-1].headers["Authorization"] == "Bearer sk-client-secret-1"
 
 
@@ -356,7 +343,7 @@ async def test_a_configured_upstream_token_replaces_the_clients_and_is_reread(
         auth={"keys_file": str(keys)},
         upstream={"api_key_file": str(token)},
     )
-    await _post(server, _chat(replica.model), _bearer(KEY_A))
+    await post_chat(server, _chat(replica.model), _bearer(KEY_A))
     assert replica.generation_requests()[-1].headers.getall("Authorization") == [
         "Bearer replica-token-1"
     ]
@@ -366,7 +353,7 @@ async def test_a_configured_upstream_token_replaces_the_clients_and_is_reread(
     # Re-read at most every 5 s.
     proxy = server.gateway.proxy
     proxy._credentials._next_check = 0.0  # skip the 5 s wait; the re-read itself is real
-    await _post(server, _chat(replica.model), _bearer(KEY_A))
+    await post_chat(server, _chat(replica.model), _bearer(KEY_A))
     assert replica.generation_requests()[-1].headers["Authorization"] == "Bearer replica-token-2"
 
 

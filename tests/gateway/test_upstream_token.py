@@ -23,7 +23,7 @@ from benchmarks.sim.server import ReplicaSettings
 from gateway.app import GatewayServer
 from gateway.log import JsonFormatter, PlainFormatter
 from tests.benchmarks.conftest import StartReplicas
-from tests.gateway.conftest import StartGateway, gateway_config, wait_pool
+from tests.gateway.conftest import StartGateway, gateway_config, post_chat, wait_pool
 
 TOKEN = "sk-replica-token-0123456789"
 TOKEN_2 = "sk-replica-token-rotated-42"
@@ -55,13 +55,7 @@ async def _chat(
     server: GatewayServer, model: str, headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, Any]]:
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"http://127.0.0.1:{server.port}/v1/chat/completions", json=body, headers=headers
-        ) as resp,
-    ):
-        return resp.status, await resp.json(content_type=None)
+    return await post_chat(server, body, headers)
 
 
 def _assert_not_logged(caplog: pytest.LogCaptureFixture, *tokens: str) -> None:
