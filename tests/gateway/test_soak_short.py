@@ -1,4 +1,4 @@
-"""The soak benchmark (``benchmarks/soak/run.py``) in its CI size: 30 s of load at 80% of the
+"""The soak benchmark (``benchmarks/soak/run.py``) in its CI size: 60 s of load at 80% of the
 simulated cluster's capacity through a real ``python -m gateway serve`` process, streaming and
 non-streaming, client disconnects, one replica restarting twice. The suite's one long test.
 
@@ -14,14 +14,15 @@ from pathlib import Path
 from benchmarks.soak.run import SoakConfig, print_table, run_soak
 
 # Over the second half of the run (after the allocator's warm-up): a leak of ~1 KB per request
-# at ~39 req/s is 2.3 MB/min. 30 s runs measure +0.4..0.6 (warm-up still settling); the
-# 15-minute run measured +0.004 MB/min over its second half.
+# at ~39 req/s is 2.3 MB/min. Short runs measure up to +0.6 (warm-up still settling); the
+# 15-minute runs measured +0.004 (aiohttp server) and +0.057 MB/min over their second half.
 MAX_RSS_SLOPE_MB_PER_MIN = 2.0
 
 
 async def test_short_soak_has_no_unexplained_errors_leaks_or_growth(tmp_path: Path) -> None:
-    # 30 s keeps the whole suite under its 5-minute budget; up to 60 s fits the issue's wording.
-    cfg = SoakConfig(duration_s=30.0, warmup_s=10.0, restarts=2, seed=1)
+    # The issue's 60 s; the suite still fits its 5-minute budget (this test runs on one worker
+    # while the other takes the rest).
+    cfg = SoakConfig(duration_s=60.0, warmup_s=15.0, restarts=2, seed=1)
     result = await run_soak(cfg, tmp_path)
     print_table(result)
     s = result.summary()
