@@ -202,8 +202,9 @@ class ReplicaResponse:
     def relay_to(self, sink: BodySink) -> None:
         """From now on, hand the body to ``sink`` from the connection's callbacks (bytes that
         arrived after ``first`` and were buffered go first)."""
-        for chunk in self._chunks:
-            sink.body(chunk, None)
+        chunks = self._chunks
+        if chunks:  # what arrived before the relay started: one piece, so one write
+            sink.body(chunks[0] if len(chunks) == 1 else b"".join(chunks), None)
         self._chunks, self._size = [], 0
         if self._error is not None:
             sink.fail(self._error)
