@@ -46,7 +46,6 @@ from pathlib import Path
 
 import msgspec
 import msgspec.yaml
-from multidict import CIMultiDict
 
 from gateway.errors import ConfigError, GatewayError
 
@@ -296,8 +295,8 @@ def _read_bytes(path: Path) -> bytes:
 
 
 class UpstreamCredentials:
-    """Applies ``upstream.forward_client_auth`` and ``upstream.api_key_file`` to the headers of
-    every request sent to a replica."""
+    """``upstream.forward_client_auth`` and the token of ``upstream.api_key_file``, as the proxy
+    (``upstream.request_fields``) and the catalog's own calls to replicas read them."""
 
     def __init__(
         self,
@@ -338,13 +337,6 @@ class UpstreamCredentials:
             except (OSError, ValueError) as exc:
                 logger.error("upstream.api_key_file: cannot reload, keeping the last: %s", exc)
         return f"Bearer {self._token}"
-
-    def apply(self, headers: CIMultiDict[str]) -> None:
-        if not self._forward:
-            headers.popall("Authorization", None)
-        value = self.authorization()
-        if value is not None:
-            headers["Authorization"] = value
 
     def _read(self) -> None:
         assert self._file is not None

@@ -46,7 +46,6 @@ from http import HTTPStatus
 from typing import Any, cast
 
 import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import (
     Answer,
@@ -127,7 +126,6 @@ class Request:
         "_body_waiter",
         "_conn",
         "_continue",
-        "_headers",
         "_parts",
         "_raw_headers",
         "_size",
@@ -160,7 +158,6 @@ class Request:
         self.version = version
         self.remote = conn.remote
         self._raw_headers: list[tuple[bytes, bytes]] = []
-        self._headers: CIMultiDictProxy[str] | None = None
         self.keep_alive = True
         self.content_length: int | None = None
         self._parts: list[bytes] = []
@@ -178,24 +175,13 @@ class Request:
         return self._raw_headers
 
     def header(self, name: str) -> str | None:
-        """The first value of a header (case-insensitive), without building ``headers``."""
+        """The first value of a header (case-insensitive), found in the raw lines."""
         wanted = name.lower().encode()
         size = len(wanted)
         for key, value in self._raw_headers:
             if len(key) == size and key.lower() == wanted:
                 return value.decode("utf-8", "surrogateescape")
         return None
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        if self._headers is None:
-            self._headers = CIMultiDictProxy(
-                CIMultiDict(
-                    (k.decode("latin-1"), v.decode("utf-8", "surrogateescape"))
-                    for k, v in self._raw_headers
-                )
-            )
-        return self._headers
 
     async def read_body(self) -> bytes:
         """The whole body; ``RequestTooLarge`` past ``max_body_bytes``, ``RequestTimeout``

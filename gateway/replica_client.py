@@ -37,8 +37,6 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 from urllib.parse import urlsplit
 
-from multidict import CIMultiDict, CIMultiDictProxy
-
 from gateway.errors import (
     GatewayError,
     UpstreamConnectError,
@@ -153,17 +151,6 @@ class ReplicaResponse:
         self._error: GatewayError | None = None
         self._reader: asyncio.Future[None] | None = None
         self._sink: BodySink | None = None
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        """The headers as a case-insensitive mapping (built on demand: the proxy uses
-        ``raw_headers``)."""
-        return CIMultiDictProxy(
-            CIMultiDict(
-                (k.decode("latin-1"), v.decode("utf-8", "surrogateescape"))
-                for k, v in self.raw_headers
-            )
-        )
 
     # -- consumer side ---------------------------------------------------------------------
 

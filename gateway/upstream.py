@@ -51,6 +51,15 @@ _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
 
 
+def _dropped(raw: list[tuple[bytes, bytes]], base: frozenset[bytes]) -> frozenset[bytes]:
+    """``base`` plus the names a ``Connection`` header lists (hop-by-hop by declaration)."""
+    drop = base
+    for name, value in raw:
+        if len(name) == 10 and name.lower() == b"connection":
+            drop = drop | {token.strip().lower() for token in value.split(b",")}
+    return drop
+
+
 _REQUEST_DROP_BYTES = frozenset(name.encode() for name in _REQUEST_DROP | {"x-request-id"})
 
 
@@ -69,11 +78,7 @@ def request_fields(
     is added here (the peer address, a validated request id, a token without whitespace) has
     none either, so the lines cannot split.
     """
-    drop = _REQUEST_DROP_BYTES
-    for name, value in raw:
-        if len(name) == 10 and name.lower() == b"connection":
-            listed = {token.strip().lower() for token in value.split(b",")}
-            drop = drop | listed
+    drop = _dropped(raw, _REQUEST_DROP_BYTES)
     lines: list[bytes] = []
     forwarded: list[bytes] = []
     typed = False
@@ -108,10 +113,7 @@ def response_fields(raw: list[tuple[bytes, bytes]], request_id: str) -> bytes:
     """The header lines of a relayed response: the replica's (as ``replica_client`` parsed
     and checked them), less hop-by-hop, framing, Date and Server, plus the gateway's
     ``x-request-id``; one pass, as bytes."""
-    drop = _RESPONSE_DROP_BYTES
-    for name, value in raw:
-        if len(name) == 10 and name.lower() == b"connection":
-            drop = drop | {token.strip().lower() for token in value.split(b",")}
+    drop = _dropped(raw, _RESPONSE_DROP_BYTES)
     lines = [b"%b: %b\r\n" % (name, value) for name, value in raw if name.lower() not in drop]
     lines.append(b"x-request-id: %b\r\n" % request_id.encode())
     return b"".join(lines)
