@@ -53,6 +53,18 @@ _IDLE_TIMEOUT_S = 4.0
 _HEAD, _LENGTH, _SIZE, _DATA, _DATA_END, _TRAILER, _UNTIL_CLOSE, _DONE = range(8)
 
 
+class ResponseWaiter(Protocol):
+    """Told once of a request's outcome: its response (head and first body bytes), or the
+    error. An ``asyncio.Future`` for ``ReplicaClient.open``; the proxy's callback path passes
+    an object of its own (``ReplicaClient.send_now``) and is called from the protocol."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: ReplicaResponse, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
 class BodySink(Protocol):
     """Where a relayed body goes, called from the replica connection's callbacks."""
 
@@ -273,7 +285,7 @@ class _Conn(asyncio.Protocol):
         self._left = 0
         self._reusable = False
         self._response: ReplicaResponse | None = None
-        self._waiter: asyncio.Future[ReplicaResponse] | None = None
+        self._waiter: ResponseWaiter | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timeout_s = 0.0
         # Relayed payload of the read being parsed, handed to the sink once per read: a read
@@ -372,34 +384,39 @@ class _Conn(asyncio.Protocol):
     # -- request ---------------------------------------------------------------------------
 
     def send(
-        self, loop: asyncio.AbstractEventLoop, data: bytes, deadline: float, timeout_s: float
-    ) -> asyncio.Future[ReplicaResponse]:
+        self,
+        loop: asyncio.AbstractEventLoop,
+        data: bytes,
+        deadline: float,
+        timeout_s: float,
+        waiter: ResponseWaiter,
+    ) -> None:
         assert self.transport is not None
         self._state, self._left, self._reusable = _HEAD, 0, False
         self._buf.clear()
         self._response, self.sink = None, None
-        self._waiter = waiter = loop.create_future()
+        self._waiter = waiter
         self._timeout_s = timeout_s
         self._timer = loop.call_at(deadline, self._timed_out)
         self.transport.write(data)
-        return waiter
 
     def _timed_out(self) -> None:
         self._timer = None
-        waiter = self._waiter
+        waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
-            waiter.set_exception(
-                UpstreamTimeout(f"no response from replica within {self._timeout_s:g} s")
-            )
-            self._waiter = None
             self._state = _DONE
             if self.transport is not None:
                 self.transport.abort()
+            # Last: a callback waiter runs here, on a connection already given up.
+            waiter.set_exception(
+                UpstreamTimeout(f"no response from replica within {self._timeout_s:g} s")
+            )
 
     def abandon(self) -> None:
         """The consumer left before the response ended."""
         self.sink = None
         self._response = None
+        self._reusable = False  # also when called from this connection's own callbacks
         if self._state != _DONE:
             self._state = _DONE
             if self.transport is not None:
@@ -621,6 +638,9 @@ class _Conn(asyncio.Protocol):
             response._ended(error)
 
 
+ReplicaConnection = _Conn  # what ``send_now`` returns: ``abandon()`` it to give up the request
+
+
 class _Malformed(Exception):
     pass
 
@@ -669,22 +689,8 @@ class ReplicaClient:
         (or the whole response, when its body is empty). ``headers``: name/value pairs
         (checked for CR/LF here), or header lines already built as bytes by a caller that
         guarantees them (``upstream.request_fields``)."""
-        tgt = self._targets.get(base_url)
-        if tgt is None:
-            tgt = self._target(base_url)
-        if isinstance(headers, bytes):
-            head = b"%b %b HTTP/1.1\r\nHost: %b\r\n%bContent-Length: %d\r\n\r\n" % (
-                method.encode(),
-                (tgt.prefix + path).encode("latin-1"),
-                tgt.host_header.encode(),
-                headers,
-                len(body),
-            )
-        else:
-            try:
-                head = build_head(method, tgt.prefix + path, tgt.host_header, headers, len(body))
-            except ValueError as exc:
-                raise UpstreamResponseInvalid(f"cannot forward the request: {exc}") from None
+        tgt = self._target_of(base_url)
+        head = self._head(method, tgt, path, headers, len(body))
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -693,15 +699,79 @@ class ReplicaClient:
         conn = self._take_idle(tgt, now)
         if conn is None:
             conn = await self._connect(tgt, deadline, first_byte_timeout_s)
-        small = len(body) < 65536  # one write; a large body is not copied into the head
-        waiter = conn.send(loop, head + body if small else head, deadline, first_byte_timeout_s)
-        if not small and conn.transport is not None:
-            conn.transport.write(body)
+        waiter: asyncio.Future[ReplicaResponse] = loop.create_future()
+        self._send(conn, loop, head, body, deadline, first_byte_timeout_s, waiter)
         try:
             return await waiter
         except BaseException:
             conn.abandon()  # cancelled (the client left) or failed: the replica must stop
             raise
+
+    def send_now(
+        self,
+        base_url: str,
+        path: str,
+        headers: bytes,
+        body: bytes,
+        *,
+        first_byte_timeout_s: float,
+        waiter: ResponseWaiter,
+    ) -> ReplicaConnection | None:
+        """``open`` without a task, for a replica with an idle connection at hand: sends the
+        request now and tells ``waiter`` of the outcome from the connection's callbacks.
+        Returns the connection (``abandon`` it if the response is no longer wanted), or None,
+        having sent nothing, when no idle connection is at hand. Call from the event loop."""
+        tgt = self._target_of(base_url)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        now = loop.time()
+        conn = self._take_idle(tgt, now)
+        if conn is None:
+            return None
+        head = self._head("POST", tgt, path, headers, len(body))
+        self._send(conn, loop, head, body, now + first_byte_timeout_s, first_byte_timeout_s, waiter)
+        return conn
+
+    def _target_of(self, base_url: str) -> Target:
+        tgt = self._targets.get(base_url)
+        return tgt if tgt is not None else self._target(base_url)
+
+    @staticmethod
+    def _head(
+        method: str,
+        tgt: Target,
+        path: str,
+        headers: Iterable[tuple[str, str]] | bytes,
+        body_length: int,
+    ) -> bytes:
+        if isinstance(headers, bytes):
+            return b"%b %b HTTP/1.1\r\nHost: %b\r\n%bContent-Length: %d\r\n\r\n" % (
+                method.encode(),
+                (tgt.prefix + path).encode("latin-1"),
+                tgt.host_header.encode(),
+                headers,
+                body_length,
+            )
+        try:
+            return build_head(method, tgt.prefix + path, tgt.host_header, headers, body_length)
+        except ValueError as exc:
+            raise UpstreamResponseInvalid(f"cannot forward the request: {exc}") from None
+
+    @staticmethod
+    def _send(
+        conn: _Conn,
+        loop: asyncio.AbstractEventLoop,
+        head: bytes,
+        body: bytes,
+        deadline: float,
+        timeout_s: float,
+        waiter: ResponseWaiter,
+    ) -> None:
+        small = len(body) < 65536  # one write; a large body is not copied into the head
+        conn.send(loop, head + body if small else head, deadline, timeout_s, waiter)
+        if not small and conn.transport is not None:
+            conn.transport.write(body)
 
     def _take_idle(self, tgt: Target, now: float) -> _Conn | None:
         idle = self._idle.get(tgt)
