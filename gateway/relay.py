@@ -52,6 +52,7 @@ class SseRelay:
         "_gone",
         "_high",
         "_max_holdback",
+        "_on_done",
         "_paused",
         "_pending",
         "_source",
@@ -81,6 +82,7 @@ class SseRelay:
         self._gone = False
         self._error: GatewayError | None = None
         self._wake: asyncio.Future[None] | None = None
+        self._on_done: Callable[[], None] | None = None
         self.newlines = 0
         self.before = b""  # the second-to-last piece written
         self.last = b""  # the last piece written
@@ -154,6 +156,28 @@ class SseRelay:
                 await wake
             finally:
                 self._wake = None
+        return self.outcome()
+
+    def run_callbacks(self, on_done: Callable[[], None]) -> None:
+        """``run`` without a task: ``on_done`` is called once when the stream ends (see
+        ``outcome``), and the caller calls ``writable`` when the client's transport drains."""
+        self._on_done = on_done
+        if self._done:
+            on_done()
+
+    def writable(self) -> None:
+        """The client's transport went below its low-water mark: read from the replica again."""
+        if self._done or not self._paused:
+            return
+        if self._transport.is_closing():
+            self._client_gone()
+            return
+        self._paused = False
+        self._source.resume_reading()
+
+    def outcome(self) -> GatewayError | None:
+        """As ``run`` returns: the replica's error, or None; ``ConnectionResetError`` when
+        the client went away."""
         if self._gone:
             raise _CLIENT_GONE
         return self._error
@@ -195,6 +219,10 @@ class SseRelay:
         self._signal()
 
     def _signal(self) -> None:
+        if self._done and self._on_done is not None:
+            on_done, self._on_done = self._on_done, None
+            on_done()
+            return
         wake = self._wake
         if wake is not None and not wake.done():
             wake.set_result(None)

@@ -4,13 +4,13 @@ loopback peer standing in for the client on the other, with the replica client i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
 import pytest
 
-from gateway.errors import UpstreamDisconnected
+from gateway.errors import GatewayError, UpstreamDisconnected
 from gateway.relay import SseRelay
 from gateway.replica_client import ReplicaClient, ReplicaResponse
 from tests.gateway.raw_replica import RawFactory, RawReplica, answer, raw_replicas
@@ -74,6 +74,7 @@ class Sender(asyncio.Protocol):
         self.writable = asyncio.Event()
         self.writable.set()
         self.paused = asyncio.Event()
+        self.on_writable: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -84,6 +85,8 @@ class Sender(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writable.set()
+        if self.on_writable is not None:  # as the client connection tells the callback path
+            self.on_writable()
 
     async def drain(self) -> None:
         await self.writable.wait()
@@ -216,6 +219,45 @@ async def test_backpressure_pauses_the_replica_and_resumes_it(
             peer.grew.clear()
             await peer.grew.wait()
     assert dechunk(bytes(peer.received)) == big * n
+
+
+async def test_without_a_task_backpressure_pauses_and_resumes_and_the_end_is_called_once(
+    raw: RawFactory, client: ReplicaClient, link: tuple[Sender, Peer]
+) -> None:
+    """The callback path's form of ``run``: the client's ``resume_writing`` resumes the
+    replica, and ``on_done`` is called once, with the outcome, when the stream ends."""
+    sender, peer = link
+    big = b"data: " + b"x" * 60_000 + b"\n\n"
+    n = 80
+    replica = await raw(answer(HEAD + chunk(big), *[chunk(big)] * (n - 1), b"0\r\n\r\n"))
+    assert peer.transport is not None and sender.transport is not None
+    peer.transport.pause_reading()
+    resp = await open_stream(client, replica)
+    assert sender.transport is not None
+    relay = SseRelay(sender.transport, chunked=True, source=resp)
+    sender.transport.write(chunk(relay.take_first(resp.first)))
+    ended: list[GatewayError | None] = []
+    done = asyncio.Event()
+
+    def on_done() -> None:
+        ended.append(relay.outcome())
+        done.set()
+
+    sender.on_writable = relay.writable
+    relay.run_callbacks(on_done)
+    resp.relay_to(relay)
+    await asyncio.wait_for(sender.paused.wait(), 3.0)
+    assert sender.transport.get_write_buffer_size() < 1_000_000 and not done.is_set()
+    peer.transport.resume_reading()
+    await asyncio.wait_for(done.wait(), 5.0)
+    assert ended == [None]
+    async with asyncio.timeout(5.0):
+        while len(dechunk(bytes(peer.received))) < n * len(big):
+            peer.grew.clear()
+            await peer.grew.wait()
+    assert dechunk(bytes(peer.received)) == big * n
+    relay.end()  # a late duplicate changes nothing
+    assert ended == [None]
 
 
 async def test_a_client_that_left_stops_the_relay(
