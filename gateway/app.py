@@ -25,6 +25,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import itertools
 import logging
@@ -36,6 +37,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -43,7 +45,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.access_log import AccessLog
 from gateway.admin import build_admin_app
-from gateway.auth import KeyStore, UpstreamCredentials
+from gateway.auth import ApiKey, KeyStore, UpstreamCredentials
 from gateway.buffer import RequestBuffer, saturation_bounds
 from gateway.catalog import ModelCatalog
 from gateway.config import (
@@ -66,6 +68,7 @@ from gateway.errors import (
     NotFound,
     render,
 )
+from gateway.exchange import Host
 from gateway.exporter import GatewayMetrics, ReplicaStateCollector
 from gateway.health import HealthTracker
 from gateway.http_server import HttpServer, Limits, Request
@@ -84,6 +87,7 @@ logger = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request": access log and metrics
 Route = Callable[[Request, AccessRecord], Awaitable[None]]
+FastRoute = Callable[[Request, AccessRecord, Host], bool]
 
 
 def package_version() -> str:
@@ -130,6 +134,7 @@ class Gateway:
     request_ids: RequestIds = field(default_factory=lambda: RequestIds())
     key_store: KeyStore | None = None  # client authentication, when ``auth`` is configured
     routes: dict[str, tuple[str, Route]] = field(default_factory=dict)
+    fast_routes: dict[str, FastRoute] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -225,6 +230,8 @@ def build_gateway(
     if cfg.auth is not None:
         gw.key_store = _key_store(cfg, clock)
     gw.routes = proxy.routes()
+    if cfg.upstream.fast_path:
+        gw.fast_routes = proxy.fast_routes()
     return gw
 
 
@@ -331,15 +338,101 @@ def _supervised(
     return task
 
 
+def _record(gw: Gateway, request: Request) -> AccessRecord:
+    """The request's access record, with its id: the client's ``X-Request-ID`` if usable."""
+    given = request.header("x-request-id")
+    rid = given if given and _REQUEST_ID.fullmatch(given) else gw.request_ids.next()
+    return AccessRecord(
+        request_id=rid, method=request.method, path=request.path, started=gw.clock()
+    )
+
+
 async def handle(gw: Gateway, request: Request) -> None:
     """One request, start to end: its id, authentication, route, the proxy, the one place its
     errors are rendered, its access line and metrics."""
-    given = request.header("x-request-id")
-    rid = given if given and _REQUEST_ID.fullmatch(given) else gw.request_ids.next()
-    token = request_id_var.set(rid)
-    rec = AccessRecord(request_id=rid, method=request.method, path=request.path, started=gw.clock())
+    rec = _record(gw, request)
+    token = request_id_var.set(rec.request_id)
     try:
-        error = await _answered(gw, request, rec)
+        await _serve(gw, request, rec, _authorized(gw, request, rec))
+    finally:
+        request_id_var.reset(token)
+
+
+def serve_now(gw: Gateway, request: Request) -> bool:
+    """The callback path (``gateway/exchange.py``) for a request it can take: a proxied POST
+    whose body is here, from an authenticated key with a free slot. False, having changed
+    nothing, for anything else: ``handle`` then serves it as a task, errors included."""
+    entry = gw.fast_routes.get(request.path)
+    if entry is None or request.method != "POST" or not request.complete:
+        return False
+    rec = _record(gw, request)
+    store, key = gw.key_store, None
+    if store is not None:
+        try:
+            key = store.authenticate(request.header("Authorization"))
+            store.acquire(key)
+        except GatewayError:
+            return False
+        rec.key, rec.priority = key.name, key.priority or 0
+    if entry(request, rec, _Taken(gw, request, rec, key)):
+        return True
+    if store is not None and key is not None:
+        store.release(key)
+    return False
+
+
+class _Taken:
+    """A request the callback path took: ``Host`` of its exchange."""
+
+    __slots__ = ("gw", "key", "rec", "request")
+
+    def __init__(self, gw: Gateway, request: Request, rec: AccessRecord, key: ApiKey | None):
+        self.gw = gw
+        self.request = request
+        self.rec = rec
+        self.key = key
+
+    def finish(self, *, cancelled: bool) -> None:
+        gw, rec = self.gw, self.rec
+        if cancelled:
+            rec.status = CLIENT_CLOSED
+            if gw.draining:
+                rec.error = "cancelled_at_shutdown"
+        elif not rec.status:
+            request = self.request
+            rec.status = request.status if request.answered else CLIENT_CLOSED
+        rec.duration_s = gw.clock() - rec.started
+        self._release_key()
+        _finish(gw, rec)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        rec = self.rec
+        ctx = contextvars.copy_context()
+        ctx.run(request_id_var.set, rec.request_id)
+        task = asyncio.get_running_loop().create_task(
+            _serve(self.gw, self.request, rec, self._keyed(work)), context=ctx
+        )
+        self.request.attach(task)
+
+    async def _keyed(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        finally:
+            self._release_key()
+
+    def _release_key(self) -> None:
+        key, self.key = self.key, None
+        store = self.gw.key_store
+        if key is not None and store is not None:
+            store.release(key)
+
+
+async def _serve(
+    gw: Gateway, request: Request, rec: AccessRecord, work: Coroutine[Any, Any, None]
+) -> None:
+    """Run ``work``; render its error, if any; write the access line."""
+    try:
+        error = await _answered(gw, request, rec, work)
         if error is not None:
             rec.error = error.code
             if error.retry_after_s is not None:  # refused for lack of capacity, not a client
@@ -347,7 +440,7 @@ async def handle(gw: Gateway, request: Request) -> None:
             if request.answered:  # too late for a status: the client sees a broken response
                 request.abort()
             else:
-                status, headers, body = render(error, rid)
+                status, headers, body = render(error, rec.request_id)
                 if isinstance(error, MethodNotAllowed) and request.path in gw.routes:
                     headers.append(("Allow", gw.routes[request.path][0]))
                 request.respond(status, headers, body)
@@ -361,23 +454,29 @@ async def handle(gw: Gateway, request: Request) -> None:
     finally:
         rec.duration_s = gw.clock() - rec.started
         _finish(gw, rec)
-        request_id_var.reset(token)
 
 
-async def _answered(gw: Gateway, request: Request, rec: AccessRecord) -> GatewayError | None:
+async def _authorized(gw: Gateway, request: Request, rec: AccessRecord) -> None:
+    """Authenticate (when ``auth`` is configured), then route."""
+    store = gw.key_store
+    if store is None:
+        await _route(gw, request, rec)
+        return
+    key = store.authenticate(request.header("Authorization"))
+    rec.key, rec.priority = key.name, key.priority or 0
+    store.acquire(key)
+    try:
+        await _route(gw, request, rec)
+    finally:
+        store.release(key)
+
+
+async def _answered(
+    gw: Gateway, request: Request, rec: AccessRecord, work: Coroutine[Any, Any, None]
+) -> GatewayError | None:
     """Run the request; the error to render, if it failed with one."""
     try:
-        store = gw.key_store
-        if store is None:
-            await _route(gw, request, rec)
-            return None
-        key = store.authenticate(request.header("Authorization"))
-        rec.key, rec.priority = key.name, key.priority or 0
-        store.acquire(key)
-        try:
-            await _route(gw, request, rec)
-        finally:
-            store.release(key)
+        await work
         return None
     except GatewayError as exc:
         return exc
@@ -441,7 +540,10 @@ class GatewayServer:
             body_timeout_s=listen.body_timeout_s,
         )
         self._http = HttpServer(
-            functools.partial(handle, gw), limits, functools.partial(refused, gw)
+            functools.partial(handle, gw),
+            limits,
+            functools.partial(refused, gw),
+            fast=functools.partial(serve_now, gw) if gw.fast_routes else None,
         )
         self._admin_runner = web.AppRunner(self.admin_app, access_log=None, shutdown_timeout=1.0)
         self._tasks: list[asyncio.Task[None]] = []

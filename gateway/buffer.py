@@ -251,6 +251,10 @@ class RequestBuffer:
         self._schedule_ramp_tick()
         return await self._wait(waiter, keepalive)
 
+    def has_waiters(self, model: str) -> bool:
+        """Whether requests for ``model`` wait (a new one must not overtake them)."""
+        return bool(self._queues.get(model))
+
     def queued_by_model(self, label: Callable[[str], str] | None = None) -> dict[str, int]:
         """Requests waiting, per model (per metric label when ``label`` maps names to one)."""
         out: dict[str, int] = {}

@@ -241,6 +241,9 @@ class UpstreamConfig(_Base, frozen=True):
     # when it changes) holds a token sent to replicas as "Authorization: Bearer <token>".
     forward_client_auth: bool = False
     api_key_file: str | None = None
+    # Serve the common request (body here, a replica free now with an idle connection) from
+    # protocol callbacks instead of a task per request (gateway/exchange.py); false: all tasks.
+    fast_path: bool = True
 
 
 class AuthConfig(_Base, frozen=True):

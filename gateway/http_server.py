@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
@@ -67,6 +67,19 @@ _LAST_CHUNK = b"0\r\n\r\n"
 
 
 Handler = Callable[["Request"], Coroutine[Any, Any, None]]
+# Serves a request without a task when it can (the proxy's callback path): True if it took it.
+FastHandler = Callable[["Request"], bool]
+
+
+class Job(Protocol):
+    """What answers a connection's current request: its handler task, or an object of the
+    callback path. ``cancel`` is called when the client goes away or the drain time is over."""
+
+    def cancel(self) -> object: ...
+
+    def done(self) -> bool: ...
+
+
 # (method, path, error): a request refused before any handler ran; returns the response bytes.
 ProtocolErrorHook = Callable[[str, str, GatewayError], Answer]
 
@@ -205,6 +218,22 @@ class Request:
                 raise self._body_error
         parts = self._parts
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def body_now(self) -> bytes | None:
+        """The whole body if it is already here (and within bounds), else None."""
+        if not self.complete or self._body_error is not None:
+            return None
+        parts = self._parts
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def attach(self, job: Job) -> None:
+        """Make ``job`` the one answering this request (cancelled if the client leaves)."""
+        self._conn.attach(self, job)
+
+    def when_writable(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` whenever the client's transport drains below its low-water mark
+        (flow control for writes not awaited by a task)."""
+        self._conn.on_writable = callback
 
     def respond(self, status: int, headers: Headers, body: bytes) -> None:
         """A whole response, in one write."""
@@ -348,7 +377,8 @@ class HttpConnection(asyncio.Protocol):
         self._head_size = 0  # the request line and header lines parsed so far
         self._queue: collections.deque[Request] = collections.deque()
         self._current: Request | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: Job | None = None
+        self.on_writable: Callable[[], None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._paused_reading = False
         self._write_paused = False
@@ -433,6 +463,8 @@ class HttpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self.on_writable is not None:
+            self.on_writable()
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -530,8 +562,18 @@ class HttpConnection(asyncio.Protocol):
         if self._paused_reading and len(self._queue) <= _MAX_PIPELINED // 2:
             self._resume_reading()
         self._current = request
-        self._task = task = self._loop.create_task(self._server.handler(request))
-        task.add_done_callback(self._handled)
+        fast = self._server.fast
+        if fast is not None and fast(request):
+            return  # answered from callbacks; it attached its job (or already answered)
+        self.attach(request, self._loop.create_task(self._server.handler(request)))
+
+    def attach(self, request: Request, job: Job) -> None:
+        if self._current is not request or self._closed:
+            job.cancel()  # its client is gone
+            return
+        self._task = job
+        if isinstance(job, asyncio.Task):
+            job.add_done_callback(self._handled)
 
     def _handled(self, task: asyncio.Task[None]) -> None:
         request = self._current
@@ -563,6 +605,7 @@ class HttpConnection(asyncio.Protocol):
             return
         self._current = None
         self._task = None
+        self.on_writable = None
         if not keep_alive or self._closed:
             self.close()
         elif self._queue:
@@ -651,9 +694,15 @@ class HttpServer:
     """The listening socket and its connections; ``shutdown`` drains them."""
 
     def __init__(
-        self, handler: Handler, limits: Limits, on_protocol_error: ProtocolErrorHook
+        self,
+        handler: Handler,
+        limits: Limits,
+        on_protocol_error: ProtocolErrorHook,
+        *,
+        fast: FastHandler | None = None,
     ) -> None:
         self.handler = handler
+        self.fast = fast
         self.limits = limits
         self.on_protocol_error = on_protocol_error
         self.connections: set[HttpConnection] = set()

@@ -44,13 +44,19 @@ from gateway.errors import (
     UpstreamDisconnected,
     sse_error_event,
 )
+from gateway.exchange import Exchange, Host, Resume, Streaming
 from gateway.exporter import GatewayMetrics, ModelLabels
 from gateway.http_server import Request
 from gateway.log import AccessRecord
 from gateway.pool import ReplicaPool
 from gateway.relay import SseRelay
 from gateway.relay import event_boundary as _event_boundary  # noqa: F401  (tests)
-from gateway.replica_client import ReplicaClient, ReplicaResponse
+from gateway.replica_client import (
+    ReplicaClient,
+    ReplicaConnection,
+    ReplicaResponse,
+    ResponseWaiter,
+)
 from gateway.request_info import (
     Endpoint,
     build_request_info,
@@ -68,6 +74,11 @@ logger = logging.getLogger(__name__)
 _KEPT_ERROR_BYTES = 64 * 1024  # a 502/503 body kept in case no other replica can be tried
 _RETRY_STATUSES = (502, 503)
 _JSON = (("Content-Type", "application/json"),)
+_ENDPOINTS: tuple[tuple[str, Endpoint], ...] = (
+    ("/v1/chat/completions", "chat"),
+    ("/v1/completions", "completions"),
+    ("/v1/embeddings", "embeddings"),
+)
 
 
 @dataclass(slots=True)
@@ -111,12 +122,11 @@ class Proxy:
     def routes(self) -> dict[str, tuple[str, Callable[[Request, AccessRecord], Awaitable[None]]]]:
         """The API paths the gateway serves: path -> (method, handler). Nothing else is ever
         forwarded (the gateway is not an open proxy)."""
-        return {
-            "/v1/chat/completions": ("POST", self._endpoint("chat", "/v1/chat/completions")),
-            "/v1/completions": ("POST", self._endpoint("completions", "/v1/completions")),
-            "/v1/embeddings": ("POST", self._endpoint("embeddings", "/v1/embeddings")),
-            "/v1/models": ("GET", self.models),
+        routes: dict[str, tuple[str, Callable[[Request, AccessRecord], Awaitable[None]]]] = {
+            path: ("POST", self._endpoint(endpoint, path)) for path, endpoint in _ENDPOINTS
         }
+        routes["/v1/models"] = ("GET", self.models)
+        return routes
 
     async def models(self, request: Request, rec: AccessRecord) -> None:
         request.respond(
@@ -136,6 +146,42 @@ class Proxy:
 
         return handle
 
+    def fast_routes(self) -> dict[str, Callable[[Request, AccessRecord, Host], bool]]:
+        """The POST paths of ``routes`` that ``serve_now`` can take: path -> its entry."""
+
+        def entry(endpoint: Endpoint, path: str) -> Callable[[Request, AccessRecord, Host], bool]:
+            def serve(request: Request, rec: AccessRecord, host: Host) -> bool:
+                return self.serve_now(request, rec, endpoint, path, host)
+
+            return serve
+
+        return {path: entry(endpoint, path) for path, endpoint in _ENDPOINTS}
+
+    def serve_now(
+        self, request: Request, rec: AccessRecord, endpoint: Endpoint, path: str, host: Host
+    ) -> bool:
+        """The common case without a task (``gateway/exchange.py``): the body is here, a
+        replica can take the request now and has an idle connection. False, having changed
+        nothing, for anything else (the task path then serves the request from the start,
+        errors included)."""
+        body = request.body_now()
+        if body is None:
+            return False
+        ctype = request.header("Content-Type")
+        if ctype is not None and not _is_json(ctype):
+            return False
+        try:
+            info, headers, body = self._prepare(request, rec, endpoint, body)
+        except GatewayError:
+            return False
+        if self._buffer.has_waiters(info.model):  # they go first
+            return False
+        decision = self._router.pick(info, count_miss=False)  # the task path counts a miss
+        if decision is None:
+            return False
+        Exchange(self, request, rec, info, path, headers, body, decision, host).start()
+        return True
+
     async def _handle(
         self, request: Request, rec: AccessRecord, endpoint: Endpoint, path: str
     ) -> None:
@@ -143,6 +189,14 @@ class Proxy:
         if ctype is not None and not _is_json(ctype):
             raise UnsupportedMediaType(f"Content-Type must be application/json, got {ctype!r}")
         body = await request.read_body()
+        info, headers, body = self._prepare(request, rec, endpoint, body)
+        await self.run(request, rec, info, path, headers, body)
+
+    def _prepare(
+        self, request: Request, rec: AccessRecord, endpoint: Endpoint, body: bytes
+    ) -> tuple[RequestInfo, bytes, bytes]:
+        """The request's routing facts, the header lines for the replica, and the body to
+        forward (``"model"`` spliced in when a default applies)."""
         obj = decode_body(body)
         model = requested_model(obj)
         stream = requested_stream(obj)
@@ -163,7 +217,6 @@ class Proxy:
         priority = rec.priority if self._auth else self._buffer.priority(request.header)
         if priority:
             info = replace(info, priority=priority)
-        keepalive = self._buffer.keepalive(request, rec.request_id, rec.started) if stream else None
         credentials = self._credentials
         headers = request_fields(
             request.raw_headers,
@@ -172,15 +225,32 @@ class Proxy:
             forward_auth=credentials.forward_client_auth,
             authorization=credentials.authorization(),
         )
+        return info, headers, body
+
+    async def run(
+        self,
+        request: Request,
+        rec: AccessRecord,
+        info: RequestInfo,
+        path: str,
+        headers: bytes,
+        body: bytes,
+        resume: Resume | None = None,
+    ) -> None:
+        """Route, forward and answer (the task path); ``resume`` continues a request whose
+        first attempt the callback path dispatched."""
+        keepalive = (
+            self._buffer.keepalive(request, rec.request_id, rec.started) if info.stream else None
+        )
         try:
-            await self._forward(request, rec, info, path, headers, body, keepalive)
+            await self._forward(request, rec, info, path, headers, body, keepalive, resume)
         except GatewayError as exc:
             committed = _committed(keepalive)
             if committed is None:
                 raise
             rec.error = exc.code
             if exc.retry_after_s is not None:  # as the middleware counts uncommitted refusals
-                self._metrics.rejections.labels(self.model_label(model), exc.code).inc()
+                self._metrics.rejections.labels(self.model_label(info.model), exc.code).inc()
             committed.fail(exc.body())
 
     def _pick_default_model(self) -> str:
@@ -204,6 +274,7 @@ class Proxy:
         headers: bytes,
         body: bytes,
         keepalive: SseKeepAlive | None,
+        resume: Resume | None,
     ) -> None:
         last_error: GatewayError | None = None
         kept: _Kept | None = None
@@ -212,23 +283,31 @@ class Proxy:
         waiting_since: float | None = self._clock()  # until the first dispatch
         for attempt in range(1, self._cfg.max_attempts + 1):
             sent = info
-            decision = await self._buffer.acquire(
-                sent, since=rec.started, retry=attempt > 1, keepalive=keepalive
-            )
-            if decision is None:  # a retry that no replica left untried can take
-                break
-            if retry_reason is not None:  # counted only when another replica is really tried
-                self._metrics.retries.labels(retry_reason).inc()
-            if waiting_since is not None:
-                self._metrics.queued(label, self._clock() - waiting_since)
-                waiting_since = None
-            self._metrics.dispatched(label)
+            handed, resume = resume, None  # the first attempt, dispatched by the callback path
+            if handed is not None:
+                decision = handed.decision
+            else:
+                found = await self._buffer.acquire(
+                    sent, since=rec.started, retry=attempt > 1, keepalive=keepalive
+                )
+                if found is None:  # a retry that no replica left untried can take
+                    break
+                decision = found
+                if retry_reason is not None:  # counted only when another replica is tried
+                    self._metrics.retries.labels(retry_reason).inc()
+                waited = None if waiting_since is None else self._clock() - waiting_since
+                self.dispatched(rec, label, decision.replica, attempt, waited)
+            waiting_since = None
             rid = decision.replica
-            rec.replica, rec.attempts = rid, attempt
             ok = False
             healthy: bool | None = None  # passive health's verdict on the replica
             try:
-                up = await self._open(rid, request, path, headers, body)
+                if handed is not None and handed.error is not None:
+                    raise handed.error
+                if handed is not None and handed.up is not None:
+                    up = handed.up
+                else:
+                    up = await self._open(rid, request, path, headers, body)
                 healthy = up.status < 500
                 try:
                     if up.status >= 500:
@@ -250,8 +329,7 @@ class Proxy:
                 last_error, kept, retry_reason = exc, None, exc.code
                 logger.info("replica %s failed before the first byte: %s", rid, exc.message)
             finally:
-                self._router.release(rid, sent, ok=ok, healthy=healthy)
-                self._metrics.finished(label)
+                self.attempt_done(rid, sent, label, ok=ok, healthy=healthy)
             info = replace(info, exclude=info.exclude | {rid})
         if kept is not None:
             committed = _committed(keepalive)
@@ -265,6 +343,28 @@ class Proxy:
         if last_error is not None:
             raise last_error
         raise NoReplicaAvailable(f"no replica can take a request for model {info.model!r} now")
+
+    def dispatched(
+        self,
+        rec: AccessRecord,
+        label: str,
+        rid: ReplicaId,
+        attempt: int,
+        waited_s: float | None,
+    ) -> None:
+        """An attempt handed to a replica: the access record and the dispatch metrics
+        (``waited_s``: how long the request waited for its first dispatch; None after it)."""
+        if waited_s is not None:
+            self._metrics.queued(label, waited_s)
+        self._metrics.dispatched(label)
+        rec.replica, rec.attempts = rid, attempt
+
+    def attempt_done(
+        self, rid: ReplicaId, sent: RequestInfo, label: str, *, ok: bool, healthy: bool | None
+    ) -> None:
+        """The end of an attempt, whatever its outcome: the replica is released (once)."""
+        self._router.release(rid, sent, ok=ok, healthy=healthy)
+        self._metrics.finished(label)
 
     async def _open(
         self,
@@ -324,6 +424,24 @@ class Proxy:
         up: ReplicaResponse,
         committed: SseKeepAlive | None,
     ) -> bool:
+        s = self.stream_start(request, rec, up, committed)
+        try:
+            up.relay_to(s.relay)
+            error = await s.relay.run(s.resp.drain)
+            return self.stream_end(rec, rid, up, s, error)
+        finally:
+            self.stream_accounted(rec, s)
+
+    def stream_start(
+        self,
+        request: Request,
+        rec: AccessRecord,
+        up: ReplicaResponse,
+        committed: SseKeepAlive | None,
+    ) -> Streaming:
+        """The response head and the first whole events to the client, in one write; the
+        caller then hands the replica's body to ``relay``. ``ConnectionResetError`` if the
+        client is already gone."""
         if committed is not None and committed.response is not None:
             resp = committed.response  # 200 and SSE headers went out while the request waited
         else:
@@ -339,27 +457,39 @@ class Proxy:
         ttft = rec.ttfb_s or 0.0
         label = self.model_label(rec.model)
         self._metrics.first_token(label, ttft)
+        resp.write(first)  # with the response head, in one write
+        return Streaming(resp, relay, label, ttft)
+
+    def stream_end(
+        self,
+        rec: AccessRecord,
+        rid: ReplicaId,
+        up: ReplicaResponse,
+        s: Streaming,
+        error: GatewayError | None,
+    ) -> bool:
+        """End the client's stream (with an error event if the replica broke it off);
+        whether the replica served it well."""
         ok = up.status < 500
-        try:
-            resp.write(first)  # with the response head, in one write
-            up.relay_to(relay)
-            error = await relay.run(resp.drain)
-            if error is not None:
-                self._metrics.upstream_errors.labels("disconnect").inc()
-                rec.error = error.code
-                logger.warning("stream from %s failed after its first byte: %s", rid, error.message)
-                resp.write(sse_error_event(error))
-                ok = False
-            resp.end()
-        finally:
-            self._metrics.stream_finished(
-                label,
-                span_s=self._clock() - rec.started - ttft,
-                newlines=relay.newlines,
-                tail=relay.before + relay.last,
-                chat=rec.path == "/v1/chat/completions",
-            )
+        if error is not None:
+            self._metrics.upstream_errors.labels("disconnect").inc()
+            rec.error = error.code
+            logger.warning("stream from %s failed after its first byte: %s", rid, error.message)
+            s.resp.write(sse_error_event(error))
+            ok = False
+        s.resp.end()
         return ok
+
+    def stream_accounted(self, rec: AccessRecord, s: Streaming) -> None:
+        """Tokens and timing of a stream, once, however it ended."""
+        relay = s.relay
+        self._metrics.stream_finished(
+            s.label,
+            span_s=self._clock() - rec.started - s.ttft,
+            newlines=relay.newlines,
+            tail=relay.before + relay.last,
+            chat=rec.path == "/v1/chat/completions",
+        )
 
     async def _buffered(
         self, request: Request, rec: AccessRecord, rid: ReplicaId, up: ReplicaResponse
@@ -371,18 +501,54 @@ class Proxy:
                 chunk = await up.next_chunk()
                 if not chunk:
                     body = parts[0] if len(parts) == 1 else b"".join(parts)
-                    self._first_byte(rec)
-                    fields = response_fields(up.raw_headers, rec.request_id)
-                    request.respond(up.status, fields, body)
-                    if up.status == 200:
-                        self._metrics.response_finished(self.model_label(rec.model), body)
-                    return up.status < 500
+                    return self.buffered_done(request, rec, up, body)
                 parts.append(chunk)
                 size += len(chunk)
         except UpstreamDisconnected:
             self._metrics.upstream_errors.labels("disconnect").inc()
             raise
         return await self._pass_through(request, rec, rid, up, parts)
+
+    def buffered_done(
+        self, request: Request, rec: AccessRecord, up: ReplicaResponse, body: bytes
+    ) -> bool:
+        """Answer with a whole body; whether the replica served it well."""
+        self._first_byte(rec)
+        request.respond(up.status, response_fields(up.raw_headers, rec.request_id), body)
+        if up.status == 200:
+            self._metrics.response_finished(self.model_label(rec.model), body)
+        return up.status < 500
+
+    @property
+    def max_attempts(self) -> int:
+        return self._cfg.max_attempts
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        return self._cfg.max_buffered_response_bytes
+
+    def send_now(
+        self,
+        request: Request,
+        rid: ReplicaId,
+        path: str,
+        headers: bytes,
+        body: bytes,
+        waiter: ResponseWaiter,
+    ) -> ReplicaConnection | None:
+        """``ReplicaClient.send_now`` to ``rid``: None when it has no idle connection."""
+        query = request.query
+        return self._client().send_now(
+            self._pool.url(rid),
+            f"{path}?{query}" if query else path,
+            headers,
+            body,
+            first_byte_timeout_s=self._cfg.first_byte_timeout_s,
+            waiter=waiter,
+        )
+
+    def count_upstream_error(self, reason: str) -> None:
+        self._metrics.upstream_errors.labels(reason).inc()
 
     async def _pass_through(
         self,

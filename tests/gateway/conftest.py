@@ -34,11 +34,19 @@ def gateway_config(urls: list[str], **sections: Any) -> GatewayConfig:
 
 
 @pytest.fixture
-async def start_gateway() -> AsyncIterator[StartGateway]:
+def fast_path() -> bool:
+    """``upstream.fast_path`` for ``start_gateway``; a module that overrides this fixture with
+    ``params=[True, False]`` runs its tests on both request paths (``gateway/exchange.py``)."""
+    return True
+
+
+@pytest.fixture
+async def start_gateway(fast_path: bool) -> AsyncIterator[StartGateway]:
     """``await start_gateway(urls, **sections)``: started, with every replica's models listed."""
     servers: list[GatewayServer] = []
 
     async def start(urls: list[str], *, wait_models: bool = True, **sections: Any) -> GatewayServer:
+        sections["upstream"] = {"fast_path": fast_path, **sections.get("upstream", {})}
         server = GatewayServer(
             gateway_config(urls, **sections), rng=random.Random(7), registry=CollectorRegistry()
         )

@@ -172,6 +172,7 @@ async def test_keep_alive_reuses_the_connection_and_a_handler_without_answer_get
         return None  # a bug: no answer at all
 
     server.gateway.routes["/v1/embeddings"] = ("POST", silent)  # type: ignore[assignment]
+    del server.gateway.fast_routes["/v1/embeddings"]  # the task path, where the handler runs
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
         async with asyncio.timeout(5.0):

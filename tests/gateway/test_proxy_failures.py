@@ -16,6 +16,12 @@ from tests.benchmarks.conftest import StartReplicas
 from tests.gateway.conftest import StartGateway, sample, wait_pool
 
 
+@pytest.fixture(params=[True, False], ids=["callbacks", "tasks"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    """Every test here runs on both request paths: the callback path and the task path."""
+    return bool(request.param)
+
+
 def _chat(model: str, *, stream: bool = False, max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
     return {
         "model": model,

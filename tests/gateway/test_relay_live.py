@@ -15,6 +15,13 @@ from tests.gateway.conftest import StartGateway, sample
 from tests.gateway.raw_replica import RawFactory, Script, raw_replicas
 from tests.gateway.scripted_replica import vllm_page
 
+
+@pytest.fixture(params=[True, False], ids=["callbacks", "tasks"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    """Every test here runs on both request paths: the callback path and the task path."""
+    return bool(request.param)
+
+
 raw = pytest.fixture(raw_replicas)
 
 MODELS = orjson.dumps({"object": "list", "data": [{"id": "m", "object": "model"}]})

@@ -40,6 +40,12 @@ def _chat(model: str) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
+@pytest.fixture(params=[True, False], ids=["callbacks", "tasks"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    """The gateway tests here run on both request paths (authentication is on both)."""
+    return bool(request.param)
+
+
 def _keys_yaml(path: Path, entries: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump({"keys": entries}))

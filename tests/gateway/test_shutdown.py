@@ -20,6 +20,13 @@ from gateway.app import GatewayServer
 from tests.benchmarks.conftest import StartReplicas
 from tests.gateway.conftest import gateway_config
 
+
+@pytest.fixture(params=[True, False], ids=["callbacks", "tasks"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    """Every test here runs on both request paths: the callback path and the task path."""
+    return bool(request.param)
+
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

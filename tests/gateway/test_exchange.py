@@ -1,0 +1,117 @@
+"""The callback path (``gateway/exchange.py``) against real simulated replicas: which requests
+it takes, and that whatever happens each request is released once and accounted once.
+
+The failure modes it shares with the task path (retries, timeouts, disconnects, shutdown) are
+tested on both paths by test_proxy_failures.py, test_relay_live.py, test_shutdown.py and
+test_security.py (their ``fast_path`` fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.benchmarks.conftest import StartReplicas
+from tests.gateway.conftest import StartGateway, sample, wait_pool
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture(params=[True, False], ids=["callbacks", "tasks"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+def _chat(model: str, *, stream: bool, max_tokens: int = 4, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+        **extra,
+    }
+
+
+def _handler_tasks() -> list[asyncio.Task[Any]]:
+    """The request handler tasks alive now (``gateway/app.py``: ``handle`` or ``_serve``)."""
+    names = ("handle", "_serve")
+    return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ in names]  # type: ignore[union-attr]
+
+
+async def test_a_stream_with_a_free_replica_runs_without_a_handler_task(
+    start_replicas: StartReplicas, start_gateway: StartGateway, fast_settings: Any, fast_path: bool
+) -> None:
+    (a,) = await start_replicas(1, fast_settings.with_overrides(weights_floor_s=0.01))
+    server = await start_gateway([a.url])
+    url = f"http://127.0.0.1:{server.port}{CHAT}"
+    async with aiohttp.ClientSession() as http:
+        # The first request opens the replica connection (the task path connects); the second
+        # finds it idle.
+        async with http.post(url, json=_chat(a.model, stream=False)) as resp:
+            assert resp.status == 200
+        body = _chat(a.model, stream=True, max_tokens=30, ignore_eos=True)
+        async with http.post(url, json=body) as resp:
+            assert resp.status == 200
+            await resp.content.readuntil(b"\n\n")
+            assert len(_handler_tasks()) == (0 if fast_path else 1)
+            assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+    pool = server.gateway.pool
+    await wait_pool(pool, lambda: pool.total_inflight() == 0)
+    assert sample(server, "kvgate_requests_total", model=a.model, code="200") == 2
+
+
+async def test_every_outcome_is_released_once_and_logged_once(
+    start_replicas: StartReplicas,
+    start_gateway: StartGateway,
+    fast_settings: Any,
+    fast_path: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Answers whole and streamed, a client that leaves mid-stream, one that leaves before the
+    first byte, and requests the callback path declines (unknown model, malformed body): the
+    pool ends empty, the replica saw every abandoned request aborted, and each request has one
+    access line and one count."""
+    replicas = await start_replicas(2, fast_settings.with_overrides(weights_floor_s=0.01))
+    server = await start_gateway([r.url for r in replicas])
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    url = f"http://127.0.0.1:{server.port}{CHAT}"
+    model = replicas[0].model
+    statuses: list[int] = []
+    async with aiohttp.ClientSession() as http:
+        for stream in (False, True, False, True):
+            async with http.post(url, json=_chat(model, stream=stream)) as resp:
+                await resp.read()
+                statuses.append(resp.status)
+        long = _chat(model, stream=True, max_tokens=400, ignore_eos=True)
+        resp = await http.post(url, json=long)
+        await resp.content.readuntil(b"\n\n")
+        resp.close()  # gone mid-stream
+        async with http.post(url, json=_chat("no-such-model", stream=False)) as bad:
+            statuses.append(bad.status)
+        async with http.post(
+            url, data=b"{not json", headers={"Content-Type": "application/json"}
+        ) as bad:
+            statuses.append(bad.status)
+    slow = aiohttp.ClientTimeout(total=0.2)
+    replicas[0].hang()
+    replicas[1].hang()
+    async with aiohttp.ClientSession(timeout=slow) as http:
+        with pytest.raises(TimeoutError):  # gone before the first byte
+            await http.post(url, json=_chat(model, stream=False))
+    assert statuses == [200, 200, 200, 200, 404, 400]
+    pool = server.gateway.pool
+    await wait_pool(pool, lambda: pool.total_inflight() == 0)
+    for r in replicas:
+        await r.wait_for(lambda r: r.inflight_requests == 0, 2.0)
+    # The stream left mid-way was aborted on its replica (a hung replica admits nothing).
+    assert sum(r.requests_aborted for r in replicas) == 1
+    codes = {"200": 4, "404": 1, "400": 1, "499": 2}
+    for code, n in codes.items():
+        label = "" if code == "400" else ("unknown" if code == "404" else model)
+        assert sample(server, "kvgate_requests_total", model=label, code=code) == n, code
+    server.gateway.access_log.flush()
+    lines = [r for r in caplog.records if r.name == "gateway.access"]
+    assert len(lines) == sum(codes.values())
