@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -98,6 +99,10 @@ async def serve(cfg: GatewayConfig, config_path: Path | None = None) -> int:
     """
     server = GatewayServer(cfg, config_path=config_path)
     await server.start()
+    # What startup allocated (modules, config, compiled patterns) lives as long as the process:
+    # moved out of the collector's generations, a full collection no longer walks it (one took
+    # 33 ms of the event loop in the proxy benchmark, on the latency of every request in flight).
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
