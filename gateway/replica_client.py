@@ -312,8 +312,6 @@ class _Conn(asyncio.Protocol):
                     return
             if self._whole_chunks(sink, data):
                 return
-        if sink is not None:
-            self._batch = []
         try:
             self._parse(data)
         except _Malformed as exc:
@@ -580,11 +578,13 @@ class _Conn(asyncio.Protocol):
         response = self._response
         if response is None:
             return
-        waiter = self._waiter
-        if waiter is not None:
+        if self._waiter is not None:
             self._resolve(response, piece)
-        elif self._batch is not None:
-            self._batch.append(piece)
+        elif self.sink is not None:  # relayed: one piece per read (also when relaying began
+            batch = self._batch  # inside this read, from the waiter's callback)
+            if batch is None:
+                batch = self._batch = []
+            batch.append(piece)
         else:
             response._feed(piece)
 
