@@ -7,8 +7,10 @@ profile, aiohttp's request objects, routing, middleware chain and response write
 third of kvgate's CPU per request (``benchmarks/proxy/PROFILE.md``).
 
 One ``HttpConnection`` per client connection. Each request becomes a ``Request`` as soon as its
-head is complete, and one handler task runs per request, one request at a time per connection
-(pipelined requests wait their turn, in order). The handler answers through the request:
+head is complete and is answered by one ``Job``, one request at a time per connection
+(pipelined requests wait their turn, in order): the server's ``fast`` hook first (the proxy's
+callback path, ``gateway/exchange.py``, which answers from protocol callbacks), else a handler
+task. The handler answers through the request:
 ``Request.respond`` for a whole response, ``Request.stream`` for one sent in pieces
 (``ResponseStream``: the head goes out with the first piece).
 
@@ -28,8 +30,8 @@ Invariants:
   of the previous response (slow-loris heads, and the keep-alive idle timeout: the connection
   is closed without a response); the body within ``body_timeout_s`` of the handler asking for
   it (408).
-* A client that disconnects cancels its request's handler at once (the proxy then aborts the
-  replica's request and releases the replica, in its ``finally``).
+* A client that disconnects cancels its request's job at once (the proxy then aborts the
+  replica's request and releases the replica: in its ``finally``, or in ``Exchange.cancel``).
 * Writes are never awaited per piece: ``ResponseStream.drain`` waits only while the transport
   is over its high-water mark (``pause_writing``).
 """

@@ -6,6 +6,8 @@ Invariants:
   a default applies); only ``model``, ``stream`` and the prompt prefix are read from it.
 * Every ``router.pick`` that returns a replica is released exactly once, in a ``finally``:
   success, upstream failure, client disconnect (the handler is cancelled) and shutdown alike.
+  The common case runs without a task (``serve_now``, ``gateway/exchange.py``), which releases
+  in its own callbacks or hands the attempt, unreleased, to this path (``run`` with ``Resume``).
   The upstream response is closed in the same ``finally``, so an abandoned generation stops.
 * Retries happen only before any byte reached the client, only for retryable errors (connect
   failure, disconnect before the first byte) and 502/503 answers, each on a replica not tried
