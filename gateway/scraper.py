@@ -13,11 +13,11 @@ Invariants:
 * Replicas in phase ``starting`` are not scraped: a cold start (model loading for minutes)
   refuses connections or answers 503, and the catalog already probes it on a backoff, so
   scraping it would only count scrape errors (and page whoever alerts on them) on every
-  scale-up. Ready, ejected and draining replicas are scraped every round. A replica that turns
-  ready is scraped at once while ``run`` is active (woken by ``pool.changes``, under the round
-  lock, not counted as a round), else in the next round: until its first scrape, policies only
-  have its gateway in-flight count. A replica sent back to ``starting`` is forgotten (connection,
-  path, engine, failure streak): it is a new life, possibly at a new address.
+  scale-up. Ready, ejected and draining replicas are scraped every round. A replica that
+  turns ready is scraped at once while ``run`` is active (woken by ``pool.changes``, under the
+  round lock, not counted as a round), else in the next round: until its first scrape, policies
+  only have its gateway in-flight count. A replica sent back to ``starting`` is forgotten
+  (connection, path, engine, failure streak): it is a new life, possibly at a new address.
 * The engine flavour and metrics path are learned per replica from what it serves (config
   may pin either): ``/metrics`` first, ``/v1/metrics`` (NIM) on a 404; the working path and the
   detected engine are remembered until the replica fails in a way that suggests it changed.
@@ -26,23 +26,22 @@ Invariants:
   per replica. Every failure is counted by reason (``errors``, and the ``on_result`` callback for
   the exporter).
 * Failure reasons are a bounded set (``REASONS``): usable as a metric label.
-* One kept-alive HTTP/1.1 connection per replica, through ``_Connection`` rather than aiohttp's
-  client, because scraping shares the event loop with the proxy and aiohttp costs ~3x the CPU
-  per scrape (measured in benchmarks/routing_core.py). Scrapes of one replica never overlap:
-  rounds and at-once scrapes all hold ``_round_lock``.
+* One kept-alive HTTP/1.1 connection per replica, through ``ScrapeConnection``
+  (``gateway/scrape_http.py``) rather than aiohttp's client, because scraping shares the event
+  loop with the proxy and aiohttp costs ~3x the CPU per scrape (benchmarks/routing_core.py).
+  Scrapes of one replica never overlap: rounds and at-once scrapes all hold ``_round_lock``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
+from gateway import scrape_http
 from gateway.config import ScraperConfig
 from gateway.engine_metrics import (
     EngineSample,
@@ -53,13 +52,13 @@ from gateway.engine_metrics import (
     parse_engine_metrics,
 )
 from gateway.pool import ReplicaPool
+from gateway.scrape_http import ScrapeConnection, ScrapeError
 from policies.types import ReplicaId
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/metrics"
 NIM_PATH = "/v1/metrics"  # NIM for LLMs serves its metrics here
-MAX_PAGE_BYTES = 8 * 1024 * 1024  # real pages are tens of KB; bound memory on a broken replica
 
 REASONS = (
     "timeout",
@@ -72,26 +71,15 @@ REASONS = (
     "error",
 )
 
-# Uncompressed: gzip would cost more CPU on both ends than it saves on a cluster network.
-_REQUEST_HEADERS = (
-    "User-Agent: kvgate-scraper\r\nAccept: text/plain\r\nAccept-Encoding: identity\r\n\r\n"
-)
-
 # (replica, failure reason or None on success, duration in seconds)
 ScrapeObserver = Callable[[ReplicaId, str | None, float], None]
-
-
-class ScrapeError(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 @dataclass(slots=True)
 class _Target:
     """What the scraper has learned about one replica."""
 
-    connection: _Connection | None = None  # kept alive between scrapes
+    connection: ScrapeConnection | None = None  # kept alive between scrapes
     path: str | None = None  # the metrics path known to work
     names: MetricNames | None = None  # resolved name table (detected or configured)
     failing: str | None = None  # reason of the current failure streak
@@ -242,7 +230,7 @@ class MetricsScraper:
 
     async def _fetch_sample(self, replica: ReplicaId, target: _Target) -> EngineSample:
         if target.connection is None:
-            target.connection = _Connection(self._pool.url(replica))
+            target.connection = ScrapeConnection(self._pool.url(replica))
         paths = self._paths(target)
         for i, path in enumerate(paths):
             status, headers, body = await target.connection.get(path)
@@ -255,7 +243,7 @@ class MetricsScraper:
             coding = headers.get("content-encoding", "identity").lower()
             try:
                 if coding in ("gzip", "deflate"):  # sent despite Accept-Encoding: identity
-                    body = zlib.decompressobj(wbits=47).decompress(body, MAX_PAGE_BYTES)
+                    body = zlib.decompressobj(wbits=47).decompress(body, scrape_http.MAX_PAGE_BYTES)
                 elif coding != "identity":
                     raise ScrapeError("bad_encoding", f"GET {path}: Content-Encoding {coding}")
                 text = body.decode("utf-8")
@@ -343,118 +331,3 @@ def _overlay(base: MetricNames | None, config: ScraperConfig) -> MetricNames | N
     return custom_names(
         base, waiting=custom.queue_depth, running=custom.running, kv_usage=custom.kv_usage
     )
-
-
-class _Connection:
-    """One keep-alive HTTP/1.1 connection to one replica, for GETs of its metrics page.
-
-    Not aiohttp's client: a scrape is the same tiny GET hundreds of times a second, and aiohttp
-    spends ~200 µs of CPU on each where this spends ~60 µs (benchmarks/routing_core.py), on the
-    event loop the proxy shares. It reads Content-Length, chunked and close-delimited bodies, at
-    most MAX_PAGE_BYTES; any error or cancellation (the scrape timeout) closes the connection
-    and the next scrape reconnects. A reused connection that the replica closed while idle is
-    retried once on a fresh one before the failure counts.
-    """
-
-    _tls: ssl.SSLContext | None = None  # one default context for all replicas (costly to build)
-
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"cannot scrape {url!r}: not an http(s) URL")
-        self._host = parts.hostname
-        self._tls_wanted = parts.scheme == "https"
-        self._port = parts.port or (443 if self._tls_wanted else 80)
-        self._authority = parts.netloc.rpartition("@")[2]
-        self._prefix = parts.path.rstrip("/")
-        self._requests: dict[str, bytes] = {}
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
-
-    async def get(self, path: str) -> tuple[int, dict[str, str], bytes]:
-        reused = self._writer is not None
-        try:
-            return await self._exchange(path)
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            partial = isinstance(exc, asyncio.IncompleteReadError) and exc.partial
-            if not reused or partial:
-                raise
-        return await self._exchange(path)
-
-    async def _exchange(self, path: str) -> tuple[int, dict[str, str], bytes]:
-        if self._writer is None:
-            tls = None
-            if self._tls_wanted:
-                tls = _Connection._tls = _Connection._tls or ssl.create_default_context()
-            self._reader, self._writer = await asyncio.open_connection(
-                self._host, self._port, ssl=tls
-            )
-        reader, writer = self._reader, self._writer
-        assert reader is not None
-        keep = False
-        try:
-            request = self._requests.get(path)
-            if request is None:
-                request = self._requests[path] = (
-                    f"GET {self._prefix}{path} HTTP/1.1\r\nHost: {self._authority}\r\n"
-                    + _REQUEST_HEADERS
-                ).encode("latin-1")
-            writer.write(request)
-            status, headers = await _read_head(reader)
-            body = await _read_body(reader, headers)
-            keep = headers.get("connection", "").lower() != "close"
-            return status, headers, body
-        finally:
-            if not keep:
-                self.close()
-
-
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    while True:
-        lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        if not version.startswith("HTTP/1."):
-            raise ScrapeError("protocol", f"not an HTTP/1.x response: {lines[0][:40]!r}")
-        status = int(rest[:3])
-        if status >= 200:
-            break  # 1xx interim responses carry no body
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    if version == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
-        headers["connection"] = "close"
-    return status, headers
-
-
-async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        chunks: list[bytes] = []
-        size = 0
-        while n := int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16):
-            size += n
-            if size > MAX_PAGE_BYTES:
-                raise ScrapeError("too_large", f"page exceeds {MAX_PAGE_BYTES} bytes")
-            chunks.append(await reader.readexactly(n))
-            await reader.readexactly(2)
-        while await reader.readuntil(b"\r\n") != b"\r\n":
-            pass  # trailers
-        return b"".join(chunks)
-    length = headers.get("content-length")
-    if length is not None:
-        if int(length) > MAX_PAGE_BYTES:
-            raise ScrapeError("too_large", f"page of {length} bytes exceeds {MAX_PAGE_BYTES}")
-        return await reader.readexactly(int(length))
-    headers["connection"] = "close"  # the body ends where the connection does
-    body = await reader.read(MAX_PAGE_BYTES + 1)
-    while len(body) <= MAX_PAGE_BYTES and (more := await reader.read(MAX_PAGE_BYTES + 1)):
-        body += more
-    if len(body) > MAX_PAGE_BYTES:
-        raise ScrapeError("too_large", f"page exceeds {MAX_PAGE_BYTES} bytes")
-    return body

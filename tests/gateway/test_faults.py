@@ -21,7 +21,7 @@ from benchmarks.sim.server import ReplicaSettings, SimReplica
 from gateway.app import GatewayServer
 from gateway.http_server import Request
 from gateway.log import AccessRecord
-from gateway.scraper import MAX_PAGE_BYTES
+from gateway.scrape_http import MAX_PAGE_BYTES
 from gateway.upstream import MAX_CONTROL_BODY_BYTES
 from policies.types import ReplicaId
 from tests.benchmarks.conftest import StartReplicas

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from benchmarks.sim.server import ReplicaSettings
-from gateway import scraper as scraper_module
+from gateway import scrape_http
 from gateway.config import MetricNamesConfig, ScraperConfig
 from gateway.discovery.base import DiscoveredReplica
 from gateway.engine_metrics import EngineSample
@@ -255,7 +255,7 @@ async def test_config_overrides_engine_path_and_names(
 async def test_oversized_page_is_refused(
     serve: Serve, scrapers: list[MetricsScraper], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(scraper_module, "MAX_PAGE_BYTES", 1000)
+    monkeypatch.setattr(scrape_http, "MAX_PAGE_BYTES", 1000)
     pool = make_pool({"big": await serve(PageReplica(VLLM))})
     scraper = scraper_for(pool, scrapers, Clock())
     await scraper.scrape_once()
