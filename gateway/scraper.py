@@ -13,11 +13,13 @@ Invariants:
 * Replicas in phase ``starting`` are not scraped: a cold start (model loading for minutes)
   refuses connections or answers 503, and the catalog already probes it on a backoff, so
   scraping it would only count scrape errors (and page whoever alerts on them) on every
-  scale-up. Ready, ejected and draining replicas are scraped every round. A replica that
-  turns ready is scraped at once while ``run`` is active (woken by ``pool.changes``, under the
-  round lock, not counted as a round), else in the next round: until its first scrape, policies
-  only have its gateway in-flight count. A replica sent back to ``starting`` is forgotten
-  (connection, path, engine, failure streak): it is a new life, possibly at a new address.
+  scale-up. Ready, ejected and draining replicas are scraped every round, except a draining
+  one that never was ready (discovered already terminating, or removed while still loading).
+  A replica that turns ready is scraped at once while ``run`` is active (woken by
+  ``pool.changes``, under the round lock, not counted as a round), else in the next round:
+  until its first scrape, policies only have its gateway in-flight count. A replica sent back
+  to ``starting`` is forgotten (connection, path, engine, failure streak): it is a new life,
+  possibly at a new address.
 * The engine flavour and metrics path are learned per replica from what it serves (config
   may pin either): ``/metrics`` first, ``/v1/metrics`` (NIM) on a 404; the working path and the
   detected engine are remembered until the replica fails in a way that suggests it changed.
@@ -176,7 +178,7 @@ class MetricsScraper:
     async def _round(self) -> None:
         pool = self._pool
         ids = pool.ids()
-        scraped = [r for r in ids if pool.state(r).phase != "starting"]
+        scraped = [r for r in ids if _scraped(pool, r)]
         self._held = set(ids).difference(scraped)
         for replica in self._targets.keys() - set(scraped):
             self._forget(replica)
@@ -321,6 +323,15 @@ class MetricsScraper:
     def _report(self, replica: ReplicaId, reason: str | None, started: float) -> None:
         if self._on_result is not None:
             self._on_result(replica, reason, self._clock() - started)
+
+
+def _scraped(pool: ReplicaPool, replica: ReplicaId) -> bool:
+    """Not starting, and not draining without ever having been ready in this life (an endpoint
+    discovered already terminating, or one removed while it was still loading)."""
+    state = pool.state(replica)
+    if state.phase == "starting":
+        return False
+    return state.phase != "draining" or state.ready_since is not None
 
 
 def _overlay(base: MetricNames | None, config: ScraperConfig) -> MetricNames | None:

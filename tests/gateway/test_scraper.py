@@ -315,21 +315,24 @@ async def test_starting_replicas_are_not_scraped_until_ready(
 ) -> None:
     # A cold start answers 503 (or refuses connections) for minutes: scraping it would count a
     # scrape error every round of every scale-up. Ejected and draining replicas are scraped.
-    replicas = {name: PageReplica(SGLANG) for name in ("ready", "starting", "ejected", "draining")}
-    replicas["starting"].status = 503
+    # So is a draining one that never was ready (an endpoint discovered already terminating).
+    names = ("ready", "starting", "ejected", "draining", "never-ready")
+    replicas = {name: PageReplica(SGLANG) for name in names}
+    replicas["starting"].status = replicas["never-ready"].status = 503
     pool = ReplicaPool(max_metrics_age_s=1.0)
     for name, replica in replicas.items():
-        phase = "starting" if name == "starting" else "draining" if name == "draining" else "ready"
+        phase = {"starting": "starting", "never-ready": "draining"}.get(name, "ready")
         pool.add(ReplicaId(name), await serve(replica), phase=phase, models=["m"], now=0.0)
     assert pool.eject(ReplicaId("ejected"), 0.0)
+    pool.set_phase(ReplicaId("draining"), "draining", 0.0)
     clock = Clock()
     results: list[tuple[ReplicaId, str | None]] = []
     scraper = scraper_for(pool, scrapers, clock, lambda r, reason, _d: results.append((r, reason)))
     for _ in range(3):
         clock.now += 0.25
         await scraper.scrape_once()
-    assert replicas["starting"].hits == {}
-    assert {n: r.hits for n, r in replicas.items() if n != "starting"} == {
+    assert replicas["starting"].hits == replicas["never-ready"].hits == {}
+    assert {n: r.hits for n, r in replicas.items() if n not in ("starting", "never-ready")} == {
         "ready": {"/metrics": 3},
         "ejected": {"/metrics": 3},
         "draining": {"/metrics": 3},
