@@ -41,6 +41,7 @@ def _cell(results: Results, row: str, rate: float) -> Cell:
     )
 
 
+@pytest.mark.long
 def test_outputs_are_written_and_consistent(quick: tuple[Path, Results]) -> None:
     out, results = quick
     for name in FIGURES:

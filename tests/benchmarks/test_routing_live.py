@@ -8,9 +8,12 @@ band widened by the stated margin. (The full validation, five policies and the r
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.experiments.routing import validate_live
 
 
+@pytest.mark.long
 async def test_p2c_live_matches_the_des() -> None:
     result = await validate_live.validate(validate_live.QUICK_PLAN)
     live = result["live"]["p2c"]

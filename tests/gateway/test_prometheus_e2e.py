@@ -163,6 +163,7 @@ async def _stream_until_first_event(http: aiohttp.ClientSession, url: str) -> No
         await asyncio.Event().wait()  # hold the stream open until cancelled
 
 
+@pytest.mark.long
 async def test_keda_query_returns_the_gateway_concurrency(
     start_replicas: StartReplicas, start_gateway: StartGateway, prometheus_for: Any
 ) -> None:

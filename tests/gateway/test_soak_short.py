@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks.soak.run import SoakConfig, print_table, run_soak
 
 # Over the second half of the run (after the allocator's warm-up): a leak of ~1 KB per request
@@ -19,6 +21,7 @@ from benchmarks.soak.run import SoakConfig, print_table, run_soak
 MAX_RSS_SLOPE_MB_PER_MIN = 2.0
 
 
+@pytest.mark.long
 async def test_short_soak_has_no_unexplained_errors_leaks_or_growth(tmp_path: Path) -> None:
     # The 60 s; the suite still fits its 5-minute budget (this test runs on one worker
     # while the other takes the rest).

@@ -40,6 +40,7 @@ pytestmark = [
 ]
 
 
+@pytest.mark.long
 async def test_discovery_follows_a_real_apiserver(tmp_path: Path) -> None:
     assert APISERVER is not None and ETCD is not None
     async with kube_cluster(tmp_path, APISERVER, ETCD) as cluster, cluster.client() as api:
