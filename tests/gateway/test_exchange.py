@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.benchmarks.conftest import StartReplicas
@@ -115,3 +117,65 @@ async def test_every_outcome_is_released_once_and_logged_once(
     server.gateway.access_log.flush()
     lines = [r for r in caplog.records if r.name == "gateway.access"]
     assert len(lines) == sum(codes.values())
+
+
+async def _client(port: int, body: bytes, behaviour: str) -> None:
+    """One raw HTTP/1.1 client: reads the whole answer, or leaves right after sending, or after
+    the first bytes of the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        await writer.drain()
+        if behaviour == "whole":
+            await reader.read()  # until the gateway closes after the answer
+        elif behaviour == "first-bytes":
+            await reader.read(1)
+    finally:
+        writer.close()
+
+
+async def test_clients_leaving_at_random_points_leave_nothing_behind(
+    start_replicas: StartReplicas,
+    start_gateway: StartGateway,
+    fast_settings: Any,
+    fast_path: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """120 requests, streamed or not, whose clients read the whole answer, leave right after
+    sending, or leave after its first bytes, 12 at a time (seeded): every request is counted
+    and logged once, and the gateway and the replicas end with nothing in flight."""
+    replicas = await start_replicas(3, fast_settings.with_overrides(weights_floor_s=0.005))
+    server = await start_gateway([r.url for r in replicas], policy={"name": "p2c"})
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    rng = random.Random(11)
+    model = replicas[0].model
+    n = 120
+    plan = [
+        (
+            orjson.dumps(_chat(model, stream=rng.random() < 0.5, max_tokens=rng.randint(1, 40))),
+            rng.choice(("whole", "whole", "sent", "first-bytes")),
+        )
+        for _ in range(n)
+    ]
+    async with asyncio.timeout(30.0):
+        for wave in range(0, n, 12):
+            await asyncio.gather(
+                *(_client(server.port, b, how) for b, how in plan[wave : wave + 12])
+            )
+        pool = server.gateway.pool
+        await wait_pool(pool, lambda: pool.total_inflight() == 0, 10.0)
+        for r in replicas:
+            await r.wait_for(lambda r: r.inflight_requests == 0, 10.0)
+    for r in replicas:
+        assert r.requests_admitted == r.requests_finished + r.requests_aborted
+    counted = sum(
+        sample(server, "kvgate_requests_total", model=model, code=code) for code in ("200", "499")
+    )
+    assert counted == n
+    whole = sum(1 for _, how in plan if how == "whole")
+    assert sample(server, "kvgate_requests_total", model=model, code="200") >= whole
+    server.gateway.access_log.flush()
+    assert len([r for r in caplog.records if r.name == "gateway.access"]) == n
