@@ -33,11 +33,12 @@ Invariants (tests/gateway/test_exchange.py):
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, render
 from gateway.http_server import Request, ResponseStream
 from gateway.log import AccessRecord, request_id_var
 from gateway.relay import SseRelay
@@ -48,7 +49,25 @@ from policies.types import Decision, RequestInfo
 if TYPE_CHECKING:
     from gateway.proxy import Proxy
 
+logger = logging.getLogger(__name__)
+
 _RETRY_STATUSES = (502, 503)
+_P = ParamSpec("_P")
+
+
+def _guarded(
+    callback: Callable[Concatenate[Exchange, _P], None],
+) -> Callable[Concatenate[Exchange, _P], None]:
+    """A callback of the exchange that cannot leave its request behind: an unexpected error
+    (a bug) is what the task path makes of one, a logged 500, with the replica released."""
+
+    def guarded(self: Exchange, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            callback(self, *args, **kwargs)
+        except Exception:
+            self._crashed()
+
+    return guarded
 
 
 class Host(Protocol):
@@ -93,6 +112,7 @@ class Exchange:
         "_conn",
         "_decision",
         "_done",
+        "_finished",
         "_headers",
         "_host",
         "_info",
@@ -101,6 +121,7 @@ class Exchange:
         "_path",
         "_proxy",
         "_rec",
+        "_released",
         "_request",
         "_streaming",
         "_up",
@@ -128,12 +149,15 @@ class Exchange:
         self._decision = decision
         self._host = host
         self._label = proxy.model_label(info.model)
-        self._done = False
+        self._done = False  # the callbacks have nothing left to do
+        self._released = False  # the replica is released, or the task path owns its release
+        self._finished = False  # the request is accounted, or the task path owns it
         self._conn: ReplicaConnection | None = None  # until the response head arrives
         self._up: ReplicaResponse | None = None
         self._streaming: Streaming | None = None
         self._parts: list[bytes] = []
 
+    @_guarded
     def start(self) -> None:
         """Dispatch the first attempt: sent now if the replica has an idle connection, else
         handed to the task path to connect."""
@@ -165,11 +189,12 @@ class Exchange:
             self._conn.abandon()
         healthy = None if up is None else up.status < 500
         self._release(ok=False, healthy=healthy)
-        self._host.finish(cancelled=True)
+        self._finish(cancelled=True)
         return True
 
     # -- ResponseWaiter (the replica connection's side) ---------------------------------------
 
+    @_guarded
     def set_result(self, up: ReplicaResponse, /) -> None:
         self._conn = None
         if self._done:  # not expected: cancel abandons the connection first
@@ -189,6 +214,7 @@ class Exchange:
         else:
             self._hand_over(Resume(self._decision, up=up))
 
+    @_guarded
     def set_exception(self, exception: BaseException, /) -> None:
         self._conn = None
         if self._done:
@@ -206,6 +232,7 @@ class Exchange:
     def body(self, payload: bytes, framed: bytes | None) -> None:
         self._parts.append(payload)  # bounded: the replica's Content-Length was checked
 
+    @_guarded
     def end(self) -> None:
         up = self._up
         if self._done or up is None:
@@ -216,8 +243,9 @@ class Exchange:
         ok = self._proxy.buffered_done(self._request, self._rec, up, body)
         up.close()
         self._release(ok=ok, healthy=ok)
-        self._host.finish(cancelled=False)
+        self._finish(cancelled=False)
 
+    @_guarded
     def fail(self, error: GatewayError) -> None:
         """The body broke off before the client got a byte: the task path retries it."""
         up = self._up
@@ -245,6 +273,7 @@ class Exchange:
         s.relay.run_callbacks(self._stream_ended)
         up.relay_to(s.relay)
 
+    @_guarded
     def _stream_ended(self) -> None:
         s, up = self._streaming, self._up
         if self._done or s is None or up is None:
@@ -266,18 +295,55 @@ class Exchange:
         proxy.stream_accounted(self._rec, s)
         up.close()
         self._release(ok=ok, healthy=ok)
-        self._host.finish(cancelled=False)
+        self._finish(cancelled=False)
 
     # -- internals ----------------------------------------------------------------------------
 
     def _release(self, *, ok: bool, healthy: bool | None) -> None:
+        if self._released:
+            return
+        self._released = True
         self._proxy.attempt_done(
             self._decision.replica, self._info, self._label, ok=ok, healthy=healthy
         )
 
+    def _finish(self, *, cancelled: bool) -> None:
+        if not self._finished:
+            self._finished = True
+            self._host.finish(cancelled=cancelled)
+
+    def _crashed(self) -> None:
+        """An unexpected error in a callback: logged with its traceback; the client gets a 500
+        (or, past its first byte, a closed connection), the replica's request is aborted and
+        the replica released, and the request is logged and counted, each once."""
+        request, rec = self._request, self._rec
+        token = request_id_var.set(rec.request_id)
+        try:
+            logger.exception("unhandled error in %s %s", request.method, request.path)
+        finally:
+            request_id_var.reset(token)
+        if self._released and self._finished:  # e.g. handed over: the task path owns it all
+            return
+        if self._up is not None:
+            self._up.close()
+        elif self._conn is not None:
+            self._conn.abandon()
+        self._release(ok=False, healthy=None)
+        self._done = True
+        if self._finished:
+            return
+        request.when_writable(None)
+        error = GatewayError("internal error in the gateway")
+        rec.error = error.code
+        if request.answered:
+            request.abort()
+        else:
+            request.respond(*render(error, rec.request_id))
+        self._finish(cancelled=False)
+
     def _hand_over(self, resume: Resume) -> None:
         """The task path takes over from here; it releases the replica."""
-        self._done = True
+        self._done = self._released = self._finished = True
         self._request.when_writable(None)
         work = self._proxy.run(
             self._request, self._rec, self._info, self._path, self._headers, self._body, resume

@@ -179,3 +179,33 @@ async def test_clients_leaving_at_random_points_leave_nothing_behind(
     assert sample(server, "kvgate_requests_total", model=model, code="200") >= whole
     server.gateway.access_log.flush()
     assert len([r for r in caplog.records if r.name == "gateway.access"]) == n
+
+
+async def test_a_bug_while_answering_is_a_logged_500_and_releases_the_replica(
+    start_replicas: StartReplicas,
+    start_gateway: StartGateway,
+    fast_path: bool,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the task path makes of an unexpected error (its ``except Exception``), the callback
+    path makes too: a 500 in the OpenAI shape, the traceback in the log, nothing left in flight."""
+    (a,) = await start_replicas(1)
+    server = await start_gateway([a.url])
+    url = f"http://127.0.0.1:{server.port}{CHAT}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        async with http.post(url, json=_chat(a.model, stream=False)) as resp:
+            assert resp.status == 200  # the replica connection is now idle: the callback path
+
+        def broken(*_args: object) -> bool:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(server.gateway.proxy, "buffered_done", broken)
+        caplog.set_level(logging.INFO)
+        async with http.post(url, json=_chat(a.model, stream=False)) as resp:
+            assert resp.status == 500
+            assert (await resp.json())["error"]["code"] == "internal_error"
+    pool = server.gateway.pool
+    await wait_pool(pool, lambda: pool.total_inflight() == 0)
+    assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [RuntimeError]
+    assert sample(server, "kvgate_requests_total", model=a.model, code="500") == 1
