@@ -43,7 +43,7 @@ from gateway.http_server import Request, ResponseStream
 from gateway.log import AccessRecord, request_id_var
 from gateway.relay import SseRelay
 from gateway.replica_client import ReplicaConnection, ReplicaResponse
-from gateway.upstream import error_reason
+from gateway.upstream import RETRY_STATUSES, error_reason
 from policies.types import Decision, RequestInfo
 
 if TYPE_CHECKING:
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_RETRY_STATUSES = (502, 503)
 _P = ParamSpec("_P")
 
 
@@ -183,12 +182,8 @@ class Exchange:
         up = self._up
         if self._streaming is not None:
             self._proxy.stream_accounted(self._rec, self._streaming)
-        if up is not None:
-            up.close()
-        elif self._conn is not None:
-            self._conn.abandon()
-        healthy = None if up is None else up.status < 500
-        self._release(ok=False, healthy=healthy)
+        self._abort_replica()
+        self._release(ok=False, healthy=None if up is None else up.status < 500)
         self._finish(cancelled=True)
         return True
 
@@ -202,7 +197,7 @@ class Exchange:
             return
         self._up = up
         proxy = self._proxy
-        if up.status in _RETRY_STATUSES and proxy.max_attempts > 1:
+        if up.status in RETRY_STATUSES and proxy.max_attempts > 1:
             self._hand_over(Resume(self._decision, up=up))
         elif up.content_type == "text/event-stream":
             self._stream(up)
@@ -265,8 +260,7 @@ class Exchange:
         try:
             s = proxy.stream_start(self._request, self._rec, up, None)
         except ConnectionResetError:
-            self._request.abort()
-            self.cancel()
+            self._client_gone()
             return
         self._streaming = s
         self._request.when_writable(s.relay.writable)
@@ -281,8 +275,7 @@ class Exchange:
         try:
             error = s.relay.outcome()
         except ConnectionResetError:  # the client went away mid-stream
-            self._request.abort()
-            self.cancel()
+            self._client_gone()
             return
         self._done = True
         self._request.when_writable(None)
@@ -307,6 +300,18 @@ class Exchange:
             self._decision.replica, self._info, self._label, ok=ok, healthy=healthy
         )
 
+    def _abort_replica(self) -> None:
+        """Give up the replica's request (its connection is aborted: the replica stops)."""
+        if self._up is not None:
+            self._up.close()
+        elif self._conn is not None:
+            self._conn.abandon()
+
+    def _client_gone(self) -> None:
+        """Seen from our side before its connection said so: close it, then as ``cancel``."""
+        self._request.abort()
+        self.cancel()
+
     def _finish(self, *, cancelled: bool) -> None:
         if not self._finished:
             self._finished = True
@@ -324,10 +329,7 @@ class Exchange:
             request_id_var.reset(token)
         if self._released and self._finished:  # e.g. handed over: the task path owns it all
             return
-        if self._up is not None:
-            self._up.close()
-        elif self._conn is not None:
-            self._conn.abandon()
+        self._abort_replica()
         self._release(ok=False, healthy=None)
         self._done = True
         if self._finished:

@@ -68,13 +68,12 @@ from gateway.request_info import (
     with_model,
 )
 from gateway.router import Router
-from gateway.upstream import error_reason, request_fields, response_fields
+from gateway.upstream import RETRY_STATUSES, error_reason, request_fields, response_fields
 from policies.types import ReplicaId, RequestInfo
 
 logger = logging.getLogger(__name__)
 
 _KEPT_ERROR_BYTES = 64 * 1024  # a 502/503 body kept in case no other replica can be tried
-_RETRY_STATUSES = (502, 503)
 _JSON = (("Content-Type", "application/json"),)
 _ENDPOINTS: tuple[tuple[str, Endpoint], ...] = (
     ("/v1/chat/completions", "chat"),
@@ -314,7 +313,7 @@ class Proxy:
                 try:
                     if up.status >= 500:
                         self._metrics.upstream_errors.labels("http_5xx").inc()
-                    if up.status not in _RETRY_STATUSES or attempt == self._cfg.max_attempts:
+                    if up.status not in RETRY_STATUSES or attempt == self._cfg.max_attempts:
                         ok = await self._respond(request, rec, rid, up, keepalive)
                         healthy = ok  # False also for a stream the replica broke off
                         return
@@ -376,11 +375,10 @@ class Proxy:
         headers: bytes,
         body: bytes,
     ) -> ReplicaResponse:
-        query = request.query
         try:
             return await self._client().open(
                 self._pool.url(rid),
-                f"{path}?{query}" if query else path,
+                _with_query(path, request.query),
                 headers,
                 body,
                 first_byte_timeout_s=self._cfg.first_byte_timeout_s,
@@ -539,10 +537,9 @@ class Proxy:
         waiter: ResponseWaiter,
     ) -> ReplicaConnection | None:
         """``ReplicaClient.send_now`` to ``rid``: None when it has no idle connection."""
-        query = request.query
         return self._client().send_now(
             self._pool.url(rid),
-            f"{path}?{query}" if query else path,
+            _with_query(path, request.query),
             headers,
             body,
             first_byte_timeout_s=self._cfg.first_byte_timeout_s,
@@ -588,6 +585,10 @@ class Proxy:
 def _committed(keepalive: SseKeepAlive | None) -> SseKeepAlive | None:
     """The request's early-committed SSE answer, if it waited long enough to get one."""
     return keepalive if keepalive is not None and keepalive.response is not None else None
+
+
+def _with_query(path: str, query: str) -> str:
+    return f"{path}?{query}" if query else path
 
 
 def _is_json(content_type: str) -> bool:

@@ -46,6 +46,10 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+# A replica's answers worth another replica's try (before the client got a byte): overloaded or
+# unreachable behind a sidecar, not a verdict on the request.
+RETRY_STATUSES = (502, 503)
+
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 # Length and framing are the gateway's own; Date/Server are set by the gateway's HTTP server.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
