@@ -393,17 +393,8 @@ class _Taken:
         self.key = key
 
     def finish(self, *, cancelled: bool) -> None:
-        gw, rec = self.gw, self.rec
-        if cancelled:
-            rec.status = CLIENT_CLOSED
-            if gw.draining:
-                rec.error = "cancelled_at_shutdown"
-        elif not rec.status:
-            request = self.request
-            rec.status = request.status if request.answered else CLIENT_CLOSED
-        rec.duration_s = gw.clock() - rec.started
         self._release_key()
-        _finish(gw, rec)
+        _settle(self.gw, self.request, self.rec, cancelled=cancelled)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         rec = self.rec
@@ -431,6 +422,7 @@ async def _serve(
     gw: Gateway, request: Request, rec: AccessRecord, work: Coroutine[Any, Any, None]
 ) -> None:
     """Run ``work``; render its error, if any; write the access line."""
+    cancelled = True  # unless it gets to the end: the client went away, or the drain ran out
     try:
         error = await _answered(gw, request, rec, work)
         if error is not None:
@@ -444,16 +436,22 @@ async def _serve(
                 if isinstance(error, MethodNotAllowed) and request.path in gw.routes:
                     headers.append(("Allow", gw.routes[request.path][0]))
                 request.respond(status, headers, body)
-        if not rec.status:
-            rec.status = request.status if request.answered else CLIENT_CLOSED
-    except BaseException:  # cancelled: the client went away...
-        rec.status = CLIENT_CLOSED
-        if gw.draining:  # ...or the shutdown drain time ran out
-            rec.error = "cancelled_at_shutdown"
-        raise
+        cancelled = False
     finally:
-        rec.duration_s = gw.clock() - rec.started
-        _finish(gw, rec)
+        _settle(gw, request, rec, cancelled=cancelled)
+
+
+def _settle(gw: Gateway, request: Request, rec: AccessRecord, *, cancelled: bool) -> None:
+    """The request's final status (499 when its client left or the shutdown drain ran out),
+    duration, metrics and access line: once per request, on either path."""
+    if cancelled:
+        rec.status = CLIENT_CLOSED
+        if gw.draining:
+            rec.error = "cancelled_at_shutdown"
+    elif not rec.status:
+        rec.status = request.status if request.answered else CLIENT_CLOSED
+    rec.duration_s = gw.clock() - rec.started
+    _finish(gw, rec)
 
 
 async def _authorized(gw: Gateway, request: Request, rec: AccessRecord) -> None:

@@ -143,13 +143,7 @@ class SseRelay:
         while not self._done:
             if self._paused:
                 await drain()
-                if self._done:
-                    break
-                if self._transport.is_closing():
-                    self._client_gone()
-                    break
-                self._paused = False
-                self._source.resume_reading()
+                self.writable()  # resumes the replica, or sees the client gone
                 continue
             self._wake = wake = loop.create_future()
             try:
