@@ -171,8 +171,8 @@ class _Writer:
     def __init__(self, handler: logging.StreamHandler[TextIO]) -> None:
         self.handler = handler
         self._queue: queue.SimpleQueue[str | threading.Event] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="kvgate-access-log", daemon=True)
-        self._thread.start()
+        self._worker = threading.Thread(target=self._run, name="kvgate-access-log", daemon=True)
+        self._worker.start()
 
     def put(self, text: str) -> None:
         self._queue.put(text)

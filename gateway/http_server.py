@@ -41,8 +41,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Protocol, cast
@@ -201,8 +202,7 @@ class Request:
     async def read_body(self) -> bytes:
         """The whole body; ``RequestTooLarge`` past ``max_body_bytes``, ``RequestTimeout``
         when it does not arrive within ``body_timeout_s``."""
-        if self._body_error is not None:
-            raise self._body_error
+        self._raise_body_error()
         if not self.complete:
             conn = self._conn
             if self._continue:
@@ -216,10 +216,15 @@ class Request:
             finally:
                 timer.cancel()
                 self._body_waiter = None
-            if self._body_error is not None:
-                raise self._body_error
+            self._raise_body_error()
         parts = self._parts
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _raise_body_error(self) -> None:
+        # A method, not an inline check: mypy keeps an ``is not None`` narrowing of the attribute
+        # across the ``await`` in ``read_body``, and compiled code (mypyc) would trust it.
+        if self._body_error is not None:
+            raise self._body_error
 
     def body_now(self) -> bytes | None:
         """The whole body if it is already here (and within bounds), else None."""
@@ -726,8 +731,10 @@ class HttpServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None and self._server.sockets
-        return int(self._server.sockets[0].getsockname()[1])
+        assert self._server is not None
+        # typeshed says a tuple; uvloop's is a list (and compiled code checks the type).
+        sockets: Sequence[socket.socket] = cast(Any, self._server).sockets
+        return int(sockets[0].getsockname()[1])
 
     def changed(self) -> None:
         if self._changed is not None:
