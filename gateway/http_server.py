@@ -162,8 +162,12 @@ class Request:
             # Absolute form (``POST http://host/v1/...``): only its path is used, so a request
             # can never choose where it goes (RFC 9112 §3.2.2: servers must accept the form).
             try:
-                url = httptools.parse_url(target)
-                target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
+                # httptools' stub says bytes; a part the URL lacks is None (and compiled code
+                # checks the declared type).
+                url: Any = httptools.parse_url(target)
+                url_path: bytes | None = url.path
+                url_query: bytes | None = url.query
+                target = (url_path or b"/") + (b"?" + url_query if url_query else b"")
             except httptools.HttpParserInvalidURLError:
                 target = b""
         path, _, query = target.partition(b"?")
