@@ -738,6 +738,7 @@ class HttpServer:
         assert self._server is not None
         # typeshed says a tuple; uvloop's is a list (and compiled code checks the type).
         sockets: Sequence[socket.socket] = cast(Any, self._server).sockets
+        assert sockets
         return int(sockets[0].getsockname()[1])
 
     def changed(self) -> None:
