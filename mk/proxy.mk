@@ -1,10 +1,11 @@
 # mk/proxy.mk — the proxy overhead benchmark (issue 9). Included by the top-level Makefile.
 #   make bench-proxy         kvgate vs direct, nginx, the aiohttp baseline, the transport-level
-#                            floor prototype and sglang-router;
-#                            3 repetitions (~13 min); writes benchmarks/results/proxy.{json,md}
+#                            floor prototype, sglang-router and vllm-router;
+#                            3 repetitions (~15 min); writes benchmarks/results/proxy.{json,md}
 #   make bench-proxy-quick   one short repetition (< 1 min); benchmarks/results/proxy-quick.*
-# Setup it does itself: nginx and wrk from Debian (apt), sglang-router from PyPI into its own
-# virtualenv under ~/.cache/kvgate/sglang-router on first use (skipped with a note if that fails).
+# Setup it does itself: nginx and wrk from Debian (apt), sglang-router and vllm-router from PyPI,
+# each into its own virtualenv under ~/.cache/kvgate on first use (skipped with a note if that
+# fails).
 
 PY ?= .venv/bin/python
 PROXY_APT_PACKAGES := nginx wrk

@@ -1,4 +1,4 @@
-"""Proxy overhead benchmark (issue 9): kvgate against direct, nginx and sglang-router.
+"""Proxy overhead benchmark (issue 9): kvgate against direct, nginx and the Rust routers.
 
 ``python -m benchmarks.proxy`` (``make bench-proxy``) runs it; ``benchmarks/proxy/run.py``
 describes what is measured and how. The pieces, each its own process:

@@ -1,4 +1,4 @@
-"""The proxy benchmark (issue 9): kvgate, nginx and optionally sglang-router against direct
+"""The proxy benchmark (issue 9): kvgate, nginx and optionally the Rust routers against direct
 access to the replicas, side by side in one run.
 
 Layout (two cores): the proxy under test runs alone on CPU 0; the upstream (four replica ports,
@@ -90,6 +90,7 @@ class Plan:
             "aiohttp-baseline",
             "python-floor",
             "sglang-router",
+            "vllm-router",
         )
         return cls("full", targets, TESTS, reps=3)
 

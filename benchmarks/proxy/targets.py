@@ -10,9 +10,9 @@
   (``benchmarks.proxy.baseline``), to calibrate this machine against the issue's figures.
 - ``python-floor``: ``benchmarks.proxy.floor``, a transport-level relay prototype: the cost of
   the design PROFILE.md recommends, as a number.
-- ``sglang-router``: the Rust router from PyPI (``sglang-router``), installed on first use into
-  its own virtualenv under ``~/.cache/kvgate`` (skipped with a note if that fails), policy
-  ``power_of_two``, all its threads pinned to the proxy core.
+- ``sglang-router`` and ``vllm-router`` (a fork of it): the Rust routers from PyPI, each installed
+  on first use into its own virtualenv under ``~/.cache/kvgate`` (skipped with a note if that
+  fails), policy ``power_of_two``, all their threads pinned to the proxy core.
 
 A target's ``pid`` is the process whose tree is accounted (nginx: the master, with its worker).
 """
@@ -38,9 +38,7 @@ from benchmarks.proxy.upstream import MODEL
 
 PROXY_CPU = 0
 READY_TIMEOUT_S = 60.0
-SGLANG_VENV = (
-    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvgate" / "sglang-router"
-)
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvgate"
 
 
 class Host(Protocol):
@@ -184,31 +182,46 @@ def start_floor(host: Host, rep: int) -> Started:
     return _wait_ready(started, lambda: _get(f"http://127.0.0.1:{port}/v1/models") is not None)
 
 
-def sglang_python() -> Path:
-    return SGLANG_VENV / "bin" / "python"
+@dataclass(frozen=True)
+class RustRouter:
+    """A router from PyPI, run from its own virtualenv under ``~/.cache/kvgate``."""
+
+    name: str  # the PyPI package, the target and the virtualenv's directory
+    module: str  # its launcher, run with ``python -m``
+
+    @property
+    def venv(self) -> Path:
+        return CACHE / self.name
+
+    @property
+    def python(self) -> Path:
+        return self.venv / "bin" / "python"
+
+    def install(self, host: Host) -> bool:
+        if self.python.exists():
+            return True
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True)
+            pip = [str(self.python), "-m", "pip", "install", "--quiet", self.name]
+            subprocess.run(pip, check=True, timeout=900, capture_output=True)
+            return True
+        except (OSError, subprocess.SubprocessError) as exc:
+            host.notes.append(f"{self.name} skipped: pip install failed ({exc})")
+            return False
+
+    def start(self, host: Host, rep: int) -> Started:
+        # vllm-router is a fork of sglang-router: the same flags.
+        port, prom = free_port(), free_port()
+        cmd = [str(self.python), "-m", self.module]
+        cmd += ["--host", "127.0.0.1", "--port", str(port), "--policy", "power_of_two"]
+        cmd += ["--worker-urls", *_replica_urls(host), "--log-level", "error"]
+        cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(prom)]
+        started = _spawn(host, self.name, cmd, [port])
+        return _wait_ready(started, lambda: _get(f"http://127.0.0.1:{port}/v1/models") is not None)
 
 
-def _install_sglang_router(host: Host) -> bool:
-    if sglang_python().exists():
-        return True
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(SGLANG_VENV)], check=True)
-        pip = [str(sglang_python()), "-m", "pip", "install", "--quiet", "sglang-router"]
-        subprocess.run(pip, check=True, timeout=900, capture_output=True)
-        return True
-    except (OSError, subprocess.SubprocessError) as exc:
-        host.notes.append(f"sglang-router skipped: pip install failed ({exc})")
-        return False
-
-
-def start_sglang_router(host: Host, rep: int) -> Started:
-    port, prom = free_port(), free_port()
-    cmd = [str(sglang_python()), "-m", "sglang_router.launch_router"]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--policy", "power_of_two"]
-    cmd += ["--worker-urls", *_replica_urls(host), "--log-level", "error"]
-    cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(prom)]
-    started = _spawn(host, "sglang-router", cmd, [port])
-    return _wait_ready(started, lambda: _get(f"http://127.0.0.1:{port}/v1/models") is not None)
+SGLANG_ROUTER = RustRouter("sglang-router", "sglang_router.launch_router")
+VLLM_ROUTER = RustRouter("vllm-router", "vllm_router.launch_router")
 
 
 @dataclass(frozen=True)
@@ -230,7 +243,8 @@ TARGETS: dict[str, Target] = {
     "nginx": Target(start_nginx, _nginx_available),
     "aiohttp-baseline": Target(start_baseline, lambda host: True),
     "python-floor": Target(start_floor, lambda host: True),
-    "sglang-router": Target(start_sglang_router, _install_sglang_router),
+    "sglang-router": Target(SGLANG_ROUTER.start, SGLANG_ROUTER.install),
+    "vllm-router": Target(VLLM_ROUTER.start, VLLM_ROUTER.install),
 }
 
 
