@@ -42,12 +42,12 @@ system-deps:
 demo: $(STAMP)
 	$(PY) -m benchmarks.demo
 
-# Two workers: the suite is mostly waiting on real servers (tests that need a quiet machine are
-# few and robust to a neighbour).
+# Two workers: the suite is mostly waiting on real servers. The long tests run one after another
+# on one worker (--dist loadgroup; tests/conftest.py), so no two of them compete for the cores.
 PYTEST_WORKERS ?= 2
 
 test: $(STAMP) system-deps lint
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 test-all: $(STAMP) system-deps
 	$(PY) -m pytest -q -m ''
