@@ -267,10 +267,6 @@ class RequestBuffer:
     def queued(self) -> int:
         return self._count
 
-    def queued_seqs(self, model: str) -> list[int]:
-        """``RequestInfo.seq`` of the requests waiting for ``model``, in release order."""
-        return [w.info.seq for w in self._queues.get(model, ())]
-
     # -- queue -----------------------------------------------------------------------------
 
     def _enqueue(self, waiter: _Waiter) -> None:

@@ -168,10 +168,6 @@ class ReplicaPool:
             models = self._served_models = frozenset(m for s in self._states for m in s.models)
         return models
 
-    def has_unlisted(self) -> bool:
-        """True when some member has not yet said which models it serves (still starting)."""
-        return any(not s.models for s in self._states)
-
     def admitted(self, replica: ReplicaId) -> bool:
         """Whether discovery's authority lets ``replica`` serve (Kubernetes readiness)."""
         return self._entries[replica].admitted
